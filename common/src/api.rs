@@ -1,0 +1,211 @@
+//! JSON types of the public API (served by frontends) and of the internal service APIs.
+//!
+//! Prices are held as integer cents everywhere inside quire and shown to clients as a
+//! decimal number of dollars; stock and quantities are plain integers.
+
+use serde::{Deserialize, Serialize};
+
+/// Largest quantity one buy may ask for; larger asks are rejected as bad input.
+pub const MAX_QUANTITY: u32 = 1_000;
+/// Longest topic accepted by `GET /search/{topic}` (bytes).
+pub const MAX_TOPIC_LEN: usize = 128;
+/// Longest full-text query accepted by `GET /search?q=` (bytes).
+pub const MAX_QUERY_LEN: usize = 256;
+/// Largest page of `GET /search?q=`.
+pub const MAX_PAGE: u32 = 100;
+/// Largest request body any server accepts on its public or internal API.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// A book as clients see it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Book {
+    pub id: u64,
+    pub title: String,
+    pub topic: String,
+    pub price: f64,
+    pub stock: i64,
+}
+
+/// A book with the log index of the write that last changed it: the cache version.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VersionedBook {
+    #[serde(flatten)]
+    pub book: Book,
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BookSummary {
+    pub id: u64,
+    pub title: String,
+}
+
+/// `GET /search/{topic}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TopicResults {
+    pub topic: String,
+    pub items: Vec<BookSummary>,
+}
+
+/// One hit of a full-text search.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SearchHit {
+    pub id: u64,
+    pub title: String,
+    pub topic: String,
+}
+
+/// `GET /search?q=&limit=&cursor=`: a page of hits ordered by id; `next_cursor` is the
+/// cursor of the next page, absent on the last.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SearchPage {
+    pub query: String,
+    pub items: Vec<SearchHit>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<u64>,
+}
+
+/// Optional body of `POST /buy/{id}`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BuyRequest {
+    pub quantity: Option<i64>,
+}
+
+/// What a successful buy returns.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Receipt {
+    pub order_id: u64,
+    pub item_id: u64,
+    pub quantity: u32,
+    pub price: f64,
+    pub stock_left: i64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderState {
+    Pending,
+    Confirmed,
+    Failed,
+}
+
+/// An order as `GET /orders/{order_id}` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Order {
+    pub order_id: u64,
+    pub key: String,
+    pub item_id: u64,
+    pub quantity: u32,
+    pub state: OrderState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stock_left: Option<i64>,
+    /// Why a failed order failed (`out_of_stock`, `not_found`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When the order was first recorded, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+}
+
+/// Order service: `POST /orders` (sent by frontends through the order balancer).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PlaceOrder {
+    pub key: String,
+    pub item_id: u64,
+    pub quantity: u32,
+}
+
+/// Catalog service: `POST /books/{id}/decrement` (sent by the order service).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Decrement {
+    pub key: String,
+    pub quantity: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DecrementOutcome {
+    Sold,
+    OutOfStock,
+    NotFound,
+}
+
+/// The catalog's answer to a decrement; the same answer for every repeat of the key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DecrementResult {
+    pub outcome: DecrementOutcome,
+    pub price_cents: i64,
+    pub stock_left: i64,
+}
+
+/// Catalog service: `POST /books/{id}/restock`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Restock {
+    pub quantity: u32,
+}
+
+/// Pushed by the catalog leader to every leased frontend before a write is acknowledged.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Invalidation {
+    pub ids: Vec<u64>,
+    pub version: u64,
+}
+
+/// A frontend asks the catalog leader for a cache lease (and registers for invalidations).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeaseRequest {
+    /// Base URL at which the frontend takes invalidations.
+    pub frontend: String,
+}
+
+/// The leader's grant: the frontend may serve cached entries for `ttl_ms` counted from
+/// the moment it *sent* the request (the leader confirmed its leadership after that).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeaseGrant {
+    pub ttl_ms: u64,
+    pub leader_id: u64,
+    pub term: u64,
+}
+
+pub fn cents_to_price(cents: i64) -> f64 {
+    cents as f64 / 100.0
+}
+
+/// Parses a decimal price ("12", "12.5", "12.50") into cents.
+pub fn price_to_cents(text: &str) -> Option<i64> {
+    let text = text.trim();
+    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
+    if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if frac.len() > 2 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let whole: i64 = whole.parse().ok()?;
+    let frac: i64 = format!("{frac:0<2}").parse().ok()?;
+    whole.checked_mul(100)?.checked_add(frac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prices_parse_to_cents() {
+        assert_eq!(price_to_cents("12"), Some(1200));
+        assert_eq!(price_to_cents("12.5"), Some(1250));
+        assert_eq!(price_to_cents("0.07"), Some(7));
+        assert_eq!(price_to_cents("1.234"), None);
+        assert_eq!(price_to_cents("-1"), None);
+        assert_eq!(price_to_cents("abc"), None);
+        assert_eq!(cents_to_price(1999), 19.99);
+    }
+
+    #[test]
+    fn buy_body_rejects_unknown_fields() {
+        assert!(serde_json::from_str::<BuyRequest>(r#"{"quantity": 2}"#).is_ok());
+        assert!(serde_json::from_str::<BuyRequest>(r#"{"qty": 2}"#).is_err());
+    }
+}

@@ -1,0 +1,25 @@
+//! Shared vocabulary of every quire server.
+//!
+//! # Layout
+//! - [`api`]: the JSON types of the public API and of the internal service APIs.
+//! - [`error`]: [`ApiError`], the one error body every server answers with.
+//! - [`headers`]: names of the headers that travel between tiers (token, deadline, leader hint).
+//! - [`deadline`]: a request's absolute deadline, carried hop to hop.
+//! - [`http`]: the JSON extractor with documented rejections, fallbacks, the token guard.
+//! - [`client`]: the shared `reqwest` client and a typed call helper.
+//! - [`status`]: the `/status` body every server serves.
+//! - [`telemetry`]: tracing to stderr and to a per-server file.
+//! - [`shutdown`]: the Ctrl-C / SIGTERM future handed to every `run`.
+
+pub mod api;
+pub mod client;
+pub mod deadline;
+pub mod error;
+pub mod headers;
+pub mod http;
+pub mod shutdown;
+pub mod status;
+pub mod telemetry;
+
+pub use deadline::Deadline;
+pub use error::ApiError;

@@ -1,0 +1,141 @@
+//! Routes every replica serves besides its service API, grouped by audience:
+//! Raft RPCs between members (`/raft/*`) and operators' membership commands (`/admin/*`).
+//! Both need the cluster token.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::Router;
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use quire_common::http::{guarded, Json, Token};
+use quire_common::ApiError;
+
+use crate::replica::{ReadIndexAnswer, Replica};
+use crate::{NodeId, TypeConfig};
+
+type Shared = State<Arc<Replica>>;
+
+pub fn router(replica: Arc<Replica>, token: Token) -> Router {
+    let routes = Router::new()
+        .route("/raft/append", post(append))
+        .route("/raft/vote", post(vote))
+        .route("/raft/snapshot", post(snapshot))
+        .route("/raft/read-index", get(read_index))
+        .route("/admin/init", post(init))
+        .route("/admin/learners", post(add_learner))
+        .route("/admin/voters", post(change_voters))
+        .route("/admin/members/remove", post(remove_members))
+        .route("/admin/metrics", get(metrics))
+        .route("/admin/digest", get(digest))
+        .with_state(replica);
+    guarded(routes, token)
+}
+
+async fn append(
+    State(r): Shared,
+    Json(rpc): Json<AppendEntriesRequest<TypeConfig>>,
+) -> axum::Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
+    axum::Json(r.raft.append_entries(rpc).await)
+}
+
+async fn vote(
+    State(r): Shared,
+    Json(rpc): Json<VoteRequest<NodeId>>,
+) -> axum::Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>> {
+    axum::Json(r.raft.vote(rpc).await)
+}
+
+async fn snapshot(
+    State(r): Shared,
+    Json(rpc): Json<InstallSnapshotRequest<TypeConfig>>,
+) -> axum::Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
+    axum::Json(r.raft.install_snapshot(rpc).await)
+}
+
+async fn read_index(State(r): Shared) -> Result<axum::Json<ReadIndexAnswer>, ApiError> {
+    Ok(axum::Json(ReadIndexAnswer { index: r.leader_read_index().await? }))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InitRequest {
+    /// Node id → base URL of every initial voter.
+    pub members: BTreeMap<NodeId, String>,
+}
+
+async fn init(State(r): Shared, Json(req): Json<InitRequest>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    r.initialize(&req.members).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    Ok(axum::Json(serde_json::json!({"initialized": true})))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LearnerRequest {
+    pub id: NodeId,
+    pub url: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MembershipAnswer {
+    /// Log index of the membership entry.
+    pub index: u64,
+}
+
+async fn add_learner(
+    State(r): Shared,
+    Json(req): Json<LearnerRequest>,
+) -> Result<axum::Json<MembershipAnswer>, ApiError> {
+    Ok(axum::Json(MembershipAnswer { index: r.add_learner(req.id, &req.url).await? }))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VotersRequest {
+    pub voters: BTreeSet<NodeId>,
+    /// Keep removed voters as learners (default false: they leave the group).
+    #[serde(default)]
+    pub keep_learners: bool,
+}
+
+async fn change_voters(
+    State(r): Shared,
+    Json(req): Json<VotersRequest>,
+) -> Result<axum::Json<MembershipAnswer>, ApiError> {
+    if req.voters.is_empty() {
+        return Err(ApiError::bad_request("invalid_body", "a group needs at least one voter"));
+    }
+    Ok(axum::Json(MembershipAnswer { index: r.change_voters(req.voters, req.keep_learners).await? }))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RemoveRequest {
+    pub ids: BTreeSet<NodeId>,
+}
+
+async fn remove_members(
+    State(r): Shared,
+    Json(req): Json<RemoveRequest>,
+) -> Result<axum::Json<MembershipAnswer>, ApiError> {
+    Ok(axum::Json(MembershipAnswer { index: r.remove_members(req.ids).await? }))
+}
+
+async fn metrics(State(r): Shared) -> axum::Json<openraft::RaftMetrics<NodeId, openraft::BasicNode>> {
+    axum::Json(r.metrics())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DigestAnswer {
+    pub applied_index: u64,
+    pub digest: String,
+}
+
+async fn digest(State(r): Shared) -> Result<axum::Json<DigestAnswer>, ApiError> {
+    let (applied_index, digest) =
+        r.reads.digest(r.machine.tables()).await.map_err(|e| ApiError::internal(format!("digest failed: {e}")))?;
+    Ok(axum::Json(DigestAnswer { applied_index, digest }))
+}

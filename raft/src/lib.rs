@@ -1,0 +1,53 @@
+//! Raft for quire's replica groups: openraft 0.9 (storage-v2) over SQLite and HTTP.
+//!
+//! A service (catalog, order) supplies a [`Machine`]: its schema and how to apply one
+//! committed command inside a SQLite transaction. This crate turns it into a replicated,
+//! durable, snapshotting replica group with linearizable reads on every member.
+//!
+//! # Layout
+//! - [`log_store`]: vote and log in `raft.db`, fsynced before openraft is told.
+//! - [`state`]: the state machine in `state.db`, snapshots, read connections, digests.
+//! - [`network`]: Raft RPCs as JSON over HTTP.
+//! - [`read_index`]: batched leadership confirmation for linearizable reads.
+//! - [`replica`]: [`Replica`], what services call (write, read barrier, status, membership).
+//! - [`http`]: the `/raft/*` and `/admin/*` routes.
+
+pub mod http;
+pub mod log_store;
+pub mod network;
+pub mod read_index;
+pub mod replica;
+pub mod state;
+
+pub use replica::{Applied, Replica, ReplicaConfig, Tuning};
+
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// Commands and responses are JSON values: each service defines its own typed command
+    /// enum and (de)serialises it at the edge of its [`Machine`].
+    pub TypeConfig:
+        D = serde_json::Value,
+        R = serde_json::Value,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+);
+
+/// The service-specific part of a replica's state.
+pub trait Machine: Send + Sync + 'static {
+    /// SQL creating the service's tables; must be idempotent (`IF NOT EXISTS`).
+    fn schema(&self) -> &'static str;
+
+    /// Tables that make up the state: copied when a snapshot is installed (in this order)
+    /// and hashed by the digest. Derived tables (indexes, FTS) are kept by triggers.
+    fn tables(&self) -> &'static [&'static str];
+
+    /// Applies one committed command at log `index`. Runs inside the transaction that also
+    /// records the entry as applied; an `Err` is a storage failure and stops the replica, so
+    /// a command the service cannot make sense of must answer an error *value* instead.
+    fn apply(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        index: u64,
+        command: &serde_json::Value,
+    ) -> rusqlite::Result<serde_json::Value>;
+}

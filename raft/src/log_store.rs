@@ -1,0 +1,245 @@
+//! The Raft log and vote, durable in SQLite (`raft.db`).
+//!
+//! Every write commits a transaction with `synchronous = FULL` in WAL mode, so the vote and
+//! appended entries are fsynced before openraft is told they are stored. Entries are kept as
+//! JSON text keyed by log index; the last purged log id, the vote and the committed log id
+//! live in a small `meta` table.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, LogId, OptionalSend, RaftLogReader, RaftLogId, StorageError, StorageIOError, Vote};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::{NodeId, TypeConfig};
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+/// Log store handle given to openraft. Writes go through one connection; each log reader
+/// (one per replication stream) opens its own, which WAL lets run beside the writer.
+#[derive(Clone)]
+pub struct LogStore {
+    path: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+}
+
+pub(crate) fn open(path: &Path, durable: bool) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+fn io_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write(&e).into()
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::read(&e).into()
+}
+
+impl LogStore {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let conn = open(path, true)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, entry TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);",
+        )?;
+        Ok(LogStore { path: path.to_path_buf(), conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    /// Runs `f` on the writer connection on a blocking thread.
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> StorageResult<T> + Send + 'static,
+    ) -> StorageResult<T> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().map_err(|_| io_err(std::io::Error::other("log store lock poisoned")))?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(io_err)?
+    }
+
+    async fn get_meta<T: DeserializeOwned + Send + 'static>(&self, name: &'static str) -> StorageResult<Option<T>> {
+        self.with_conn(move |conn| read_meta(conn, name)).await
+    }
+
+    async fn put_meta<T: Serialize>(&self, name: &'static str, value: &T) -> StorageResult<()> {
+        let text = serde_json::to_string(value).map_err(io_err)?;
+        self.with_conn(move |conn| {
+            conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)", params![name, text])
+                .map_err(io_err)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn read_meta<T: DeserializeOwned>(conn: &Connection, name: &str) -> StorageResult<Option<T>> {
+    let text: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| r.get(0))
+        .optional()
+        .map_err(read_err)?;
+    text.map(|t| serde_json::from_str(&t).map_err(read_err)).transpose()
+}
+
+fn bounds(range: &impl RangeBounds<u64>) -> (i64, i64) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s as i64,
+        Bound::Excluded(&s) => s as i64 + 1,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e as i64,
+        Bound::Excluded(&e) => e as i64 - 1,
+        Bound::Unbounded => i64::MAX,
+    };
+    (start, end)
+}
+
+fn read_entries(conn: &Connection, start: i64, end: i64) -> StorageResult<Vec<Entry<TypeConfig>>> {
+    let mut stmt = conn.prepare_cached("SELECT entry FROM log WHERE idx >= ?1 AND idx <= ?2 ORDER BY idx").map_err(read_err)?;
+    let rows = stmt.query_map(params![start, end], |r| r.get::<_, String>(0)).map_err(read_err)?;
+    let mut entries = Vec::new();
+    for row in rows {
+        let text = row.map_err(read_err)?;
+        entries.push(serde_json::from_str(&text).map_err(read_err)?);
+    }
+    Ok(entries)
+}
+
+/// A read-only view of the log, one per replication stream.
+pub struct LogReader {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl RaftLogReader<TypeConfig> for LogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let (start, end) = bounds(&range);
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().map_err(|_| read_err(std::io::Error::other("log reader lock poisoned")))?;
+            read_entries(&conn, start, end)
+        })
+        .await
+        .map_err(read_err)?
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let (start, end) = bounds(&range);
+        self.with_conn(move |conn| read_entries(conn, start, end)).await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogReader;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        self.with_conn(|conn| {
+            let last_purged: Option<LogId<NodeId>> = read_meta(conn, "last_purged")?;
+            let last_text: Option<String> = conn
+                .query_row("SELECT entry FROM log ORDER BY idx DESC LIMIT 1", [], |r| r.get(0))
+                .optional()
+                .map_err(read_err)?;
+            let last = match last_text {
+                Some(text) => Some(*serde_json::from_str::<Entry<TypeConfig>>(&text).map_err(read_err)?.get_log_id()),
+                None => last_purged,
+            };
+            Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        })
+        .await
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        // A reader of its own lets replication read while appends fsync; fall back to sharing
+        // the writer if the file cannot be opened again (it will then fail loudly on use).
+        match open(&self.path, false) {
+            Ok(conn) => LogReader { conn: Arc::new(Mutex::new(conn)) },
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open a log reader; sharing the writer connection");
+                LogReader { conn: self.conn.clone() }
+            }
+        }
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.put_meta("vote", vote).await
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        self.get_meta("vote").await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        self.put_meta("committed", &committed).await
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        Ok(self.get_meta::<Option<LogId<NodeId>>>("committed").await?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let rows = entries
+            .into_iter()
+            .map(|e| Ok((e.get_log_id().index as i64, serde_json::to_string(&e).map_err(io_err)?)))
+            .collect::<StorageResult<Vec<_>>>()?;
+        let result = self
+            .with_conn(move |conn| {
+                let tx = conn.transaction().map_err(io_err)?;
+                {
+                    let mut stmt =
+                        tx.prepare_cached("INSERT OR REPLACE INTO log (idx, entry) VALUES (?1, ?2)").map_err(io_err)?;
+                    for (idx, text) in &rows {
+                        stmt.execute(params![idx, text]).map_err(io_err)?;
+                    }
+                }
+                tx.commit().map_err(io_err)
+            })
+            .await;
+        // The commit above is durable (synchronous = FULL): only now may openraft rely on it.
+        callback.log_io_completed(result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+        result
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let from = log_id.index as i64;
+        self.with_conn(move |conn| {
+            conn.execute("DELETE FROM log WHERE idx >= ?1", [from]).map_err(io_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let text = serde_json::to_string(&log_id).map_err(io_err)?;
+        let upto = log_id.index as i64;
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(io_err)?;
+            tx.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('last_purged', ?1)", [&text])
+                .map_err(io_err)?;
+            tx.execute("DELETE FROM log WHERE idx <= ?1", [upto]).map_err(io_err)?;
+            tx.commit().map_err(io_err)
+        })
+        .await
+    }
+}

@@ -1,0 +1,314 @@
+//! The replicated state, in SQLite (`state.db`), and its snapshots.
+//!
+//! Applying a batch of committed entries and recording `last_applied` (and the last
+//! membership) is one transaction, so after a crash the file is at some applied prefix of
+//! the log and openraft replays the rest. A snapshot is the whole file, made with
+//! `VACUUM INTO` from a read transaction (so it is consistent with the `last_applied` it
+//! holds); installing one copies its tables into ours inside one transaction, which keeps
+//! every open read connection valid.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership,
+};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::log_store::open;
+use crate::{Machine, NodeId, TypeConfig};
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+type Membership = StoredMembership<NodeId, openraft::BasicNode>;
+
+const META_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS quire_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);";
+
+fn sm_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write_state_machine(&e).into()
+}
+
+fn snap_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write_snapshot(None, &e).into()
+}
+
+fn other(message: &str) -> std::io::Error {
+    std::io::Error::other(message.to_string())
+}
+
+/// What `snapshot.json` records beside `snapshot.db`.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+}
+
+fn read_applied(conn: &Connection) -> rusqlite::Result<(Option<LogId<NodeId>>, Membership)> {
+    let get = |name: &str| -> rusqlite::Result<Option<String>> {
+        conn.query_row("SELECT value FROM quire_meta WHERE name = ?1", [name], |r| r.get(0)).optional()
+    };
+    let applied = get("last_applied")?.and_then(|t| serde_json::from_str(&t).ok());
+    let membership = get("membership")?.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+    Ok((applied, membership))
+}
+
+/// Pool of read-only connections to `state.db`, for the service's queries.
+pub struct Reads {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Reads {
+    fn new(path: PathBuf) -> Self {
+        Reads { path, idle: Mutex::new(Vec::new()) }
+    }
+
+    /// Runs `f` on a pooled read connection on a blocking thread.
+    pub async fn query<T, F>(&self, f: F) -> anyhow::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let pooled = self.idle.lock().map_err(|_| other("read pool poisoned"))?.pop();
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => {
+                let conn = open(&self.path, false)?;
+                conn.pragma_update(None, "query_only", "ON")?;
+                conn
+            }
+        };
+        let (conn, result) = tokio::task::spawn_blocking(move || {
+            let result = f(&conn);
+            (conn, result)
+        })
+        .await?;
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < 32 {
+                idle.push(conn);
+            }
+        }
+        Ok(result?)
+    }
+
+    /// Applied index and a SHA-256 over every row of the service's tables, read in one
+    /// transaction so the two agree. Replicas at the same index must have equal digests.
+    pub async fn digest(&self, tables: &'static [&'static str]) -> anyhow::Result<(u64, String)> {
+        self.query(move |conn| {
+            conn.execute_batch("BEGIN")?;
+            let result = digest_in(conn, tables);
+            conn.execute_batch("COMMIT")?;
+            result
+        })
+        .await
+    }
+}
+
+fn digest_in(conn: &Connection, tables: &[&str]) -> rusqlite::Result<(u64, String)> {
+    let (applied, _) = read_applied(conn)?;
+    let mut hasher = Sha256::new();
+    for table in tables {
+        hasher.update(table.as_bytes());
+        let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY 1"))?;
+        let columns = stmt.column_count();
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            for i in 0..columns {
+                let value: rusqlite::types::Value = row.get(i)?;
+                hasher.update(format!("{value:?}\u{1f}").as_bytes());
+            }
+            hasher.update(b"\x1e");
+        }
+    }
+    let digest = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok((applied.map_or(0, |l| l.index), digest))
+}
+
+/// The state machine handed to openraft.
+#[derive(Clone)]
+pub struct StateStore {
+    dir: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+    machine: Arc<dyn Machine>,
+    /// Serialises building and installing snapshots (both touch the snapshot files).
+    snapshot_lock: Arc<tokio::sync::Mutex<()>>,
+    pub reads: Arc<Reads>,
+}
+
+impl StateStore {
+    pub fn open(dir: &Path, machine: Arc<dyn Machine>) -> anyhow::Result<Self> {
+        let path = dir.join("state.db");
+        let conn = open(&path, false)?;
+        conn.execute_batch(META_SCHEMA)?;
+        conn.execute_batch(machine.schema())?;
+        Ok(StateStore {
+            dir: dir.to_path_buf(),
+            conn: Arc::new(Mutex::new(conn)),
+            machine,
+            snapshot_lock: Arc::new(tokio::sync::Mutex::new(())),
+            reads: Arc::new(Reads::new(path)),
+        })
+    }
+
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection, &dyn Machine) -> StorageResult<T> + Send + 'static,
+    ) -> StorageResult<T> {
+        let conn = self.conn.clone();
+        let machine = self.machine.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().map_err(|_| sm_err(other("state lock poisoned")))?;
+            f(&mut conn, machine.as_ref())
+        })
+        .await
+        .map_err(sm_err)?
+    }
+
+    fn snapshot_db(&self) -> PathBuf {
+        self.dir.join("snapshot.db")
+    }
+
+    fn snapshot_json(&self) -> PathBuf {
+        self.dir.join("snapshot.json")
+    }
+
+    /// Makes `file` the current snapshot, atomically (rename) and durably.
+    fn keep_snapshot(&self, file: &Path, meta: &SnapshotMeta<NodeId, openraft::BasicNode>) -> std::io::Result<()> {
+        let json = serde_json::to_vec(&StoredSnapshot { meta: meta.clone() })?;
+        let tmp_json = self.dir.join("snapshot.json.tmp");
+        std::fs::write(&tmp_json, json)?;
+        std::fs::rename(file, self.snapshot_db())?;
+        std::fs::rename(&tmp_json, self.snapshot_json())?;
+        Ok(())
+    }
+}
+
+fn apply_batch(
+    conn: &mut Connection,
+    machine: &dyn Machine,
+    entries: Vec<Entry<TypeConfig>>,
+) -> StorageResult<Vec<serde_json::Value>> {
+    let tx = conn.transaction().map_err(sm_err)?;
+    let mut responses = Vec::with_capacity(entries.len());
+    let mut last = None;
+    let mut membership = None;
+    for entry in entries {
+        last = Some(entry.log_id);
+        let response = match entry.payload {
+            EntryPayload::Blank => serde_json::Value::Null,
+            EntryPayload::Normal(command) => machine.apply(&tx, entry.log_id.index, &command).map_err(sm_err)?,
+            EntryPayload::Membership(m) => {
+                membership = Some(StoredMembership::new(Some(entry.log_id), m));
+                serde_json::Value::Null
+            }
+        };
+        responses.push(response);
+    }
+    let mut put = tx.prepare_cached("INSERT OR REPLACE INTO quire_meta (name, value) VALUES (?1, ?2)").map_err(sm_err)?;
+    if let Some(last) = last {
+        put.execute(params!["last_applied", serde_json::to_string(&last).map_err(sm_err)?]).map_err(sm_err)?;
+    }
+    if let Some(m) = membership {
+        put.execute(params!["membership", serde_json::to_string(&m).map_err(sm_err)?]).map_err(sm_err)?;
+    }
+    drop(put);
+    tx.commit().map_err(sm_err)?;
+    Ok(responses)
+}
+
+impl RaftStateMachine<TypeConfig> for StateStore {
+    type SnapshotBuilder = StateStore;
+
+    async fn applied_state(&mut self) -> StorageResult<(Option<LogId<NodeId>>, Membership)> {
+        self.with_conn(|conn, _| read_applied(conn).map_err(sm_err)).await
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<serde_json::Value>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let entries: Vec<_> = entries.into_iter().collect();
+        self.with_conn(move |conn, machine| apply_batch(conn, machine, entries)).await
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let _guard = self.snapshot_lock.lock().await;
+        let incoming = self.dir.join("incoming.db");
+        std::fs::write(&incoming, snapshot.into_inner()).map_err(snap_err)?;
+        let attach_path = incoming.to_string_lossy().to_string();
+        self.with_conn(move |conn, machine| {
+            conn.execute("ATTACH DATABASE ?1 AS snap", [&attach_path]).map_err(sm_err)?;
+            let copied = (|| -> rusqlite::Result<()> {
+                let tx = conn.transaction()?;
+                for table in machine.tables().iter().chain(["quire_meta"].iter()) {
+                    tx.execute(&format!("DELETE FROM main.{table}"), [])?;
+                    tx.execute(&format!("INSERT INTO main.{table} SELECT * FROM snap.{table}"), [])?;
+                }
+                tx.commit()
+            })();
+            conn.execute("DETACH DATABASE snap", []).map_err(sm_err)?;
+            copied.map_err(sm_err)
+        })
+        .await?;
+        self.keep_snapshot(&incoming, meta).map_err(snap_err)?;
+        tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let _guard = self.snapshot_lock.lock().await;
+        let json = match std::fs::read(self.snapshot_json()) {
+            Ok(json) => json,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(snap_err(e)),
+        };
+        let stored: StoredSnapshot = serde_json::from_slice(&json).map_err(snap_err)?;
+        let data = std::fs::read(self.snapshot_db()).map_err(snap_err)?;
+        Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateStore {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let _guard = self.snapshot_lock.lock().await;
+        let building = self.dir.join("building.db");
+        let _ = std::fs::remove_file(&building);
+        let target = building.to_string_lossy().to_string();
+        // VACUUM INTO reads one consistent state of the file, `quire_meta` included.
+        let source = self.dir.join("state.db");
+        let (applied, membership) = tokio::task::spawn_blocking(move || -> rusqlite::Result<_> {
+            let conn = open(&source, false)?;
+            conn.execute("VACUUM INTO ?1", [&target])?;
+            let copy = Connection::open(&target)?;
+            read_applied(&copy)
+        })
+        .await
+        .map_err(snap_err)?
+        .map_err(snap_err)?;
+        let snapshot_id = format!(
+            "{}-{}",
+            applied.map_or(0, |l| l.index),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())
+        );
+        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
+        self.keep_snapshot(&building, &meta).map_err(snap_err)?;
+        let data = std::fs::read(self.snapshot_db()).map_err(snap_err)?;
+        tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "built snapshot");
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}

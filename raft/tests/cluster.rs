@@ -1,0 +1,226 @@
+//! In-process cluster tests of the Raft layer: real SQLite files, real HTTP on loopback,
+//! a tiny key-value machine. Election, replication, failover, snapshot install to a new
+//! member, membership change, and restart from disk.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quire_common::http::Token;
+use quire_common::Deadline;
+use quire_raft::{Machine, NodeId, Replica, ReplicaConfig, Tuning};
+use serde_json::{json, Value};
+
+struct Kv;
+
+impl Machine for Kv {
+    fn schema(&self) -> &'static str {
+        "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT NOT NULL, version INTEGER NOT NULL);"
+    }
+    fn tables(&self) -> &'static [&'static str] {
+        &["kv"]
+    }
+    fn apply(&self, tx: &rusqlite::Transaction<'_>, index: u64, command: &Value) -> rusqlite::Result<Value> {
+        let (Some(k), Some(v)) = (command["k"].as_str(), command["v"].as_str()) else {
+            return Ok(json!({"error": "bad command"}));
+        };
+        tx.execute("INSERT OR REPLACE INTO kv (k, v, version) VALUES (?1, ?2, ?3)", rusqlite::params![k, v, index])?;
+        Ok(json!({"ok": index}))
+    }
+}
+
+const TOKEN: &str = "test-token";
+
+struct Node {
+    replica: Arc<Replica>,
+    server: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    url: String,
+    dir: std::path::PathBuf,
+}
+
+fn tuning() -> Tuning {
+    Tuning {
+        heartbeat: Duration::from_millis(50),
+        election_min: Duration::from_millis(300),
+        election_max: Duration::from_millis(600),
+        snapshot_every: 20,
+    }
+}
+
+async fn start_node(id: NodeId, dir: std::path::PathBuf, listener: Option<tokio::net::TcpListener>) -> Node {
+    let listener = match listener {
+        Some(l) => l,
+        None => tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = ReplicaConfig { id, advertise: url.clone(), dir: dir.clone(), token: Token::new(TOKEN), tuning: tuning() };
+    let replica = Replica::start(config, Arc::new(Kv)).await.unwrap();
+    let app = quire_raft::http::router(replica.clone(), Token::new(TOKEN));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    Node { replica, server, stop, url, dir }
+}
+
+impl Node {
+    /// Stops serving (closing every connection, as a dead process would) and stops Raft.
+    async fn kill(self) -> (NodeId, String, std::path::PathBuf) {
+        let _ = self.stop.send(());
+        self.replica.shutdown().await;
+        let _ = self.server.await;
+        (self.replica.id, self.url, self.dir)
+    }
+}
+
+async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn leader_of(nodes: &[&Node]) -> NodeId {
+    wait_for("a leader", Duration::from_secs(10), || {
+        nodes.iter().find(|n| n.replica.is_leader()).map(|n| n.replica.id)
+    })
+    .await
+}
+
+async fn put(node: &Node, k: &str, v: &str) -> u64 {
+    node.replica.write(json!({"k": k, "v": v}), Deadline::after(Duration::from_secs(5))).await.unwrap().index
+}
+
+async fn get(node: &Node, k: &'static str) -> Option<String> {
+    node.replica.read_barrier(Deadline::after(Duration::from_secs(5))).await.unwrap();
+    node.replica
+        .reads
+        .query(move |c| {
+            use rusqlite::OptionalExtension;
+            c.query_row("SELECT v FROM kv WHERE k = ?1", [k], |r| r.get(0)).optional()
+        })
+        .await
+        .unwrap()
+}
+
+async fn digest(node: &Node) -> (u64, String) {
+    node.replica.reads.digest(&["kv"]).await.unwrap()
+}
+
+async fn three_nodes(root: &std::path::Path) -> Vec<Node> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(start_node(id, root.join(format!("n{id}")), None).await);
+    }
+    let members: BTreeMap<NodeId, String> = nodes.iter().map(|n| (n.replica.id, n.url.clone())).collect();
+    for n in &nodes {
+        n.replica.initialize(&members).await.unwrap();
+    }
+    nodes
+}
+
+async fn converge(nodes: &[&Node]) {
+    let start = Instant::now();
+    loop {
+        let mut digests = Vec::new();
+        for n in nodes {
+            digests.push(digest(n).await);
+        }
+        if digests.windows(2).all(|w| w[0] == w[1]) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "replicas did not converge: {digests:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn elects_replicates_and_fails_over() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(root.path()).await;
+    let leader = leader_of(&nodes.iter().collect::<Vec<_>>()).await;
+    let l = nodes.iter().position(|n| n.replica.id == leader).unwrap();
+    for i in 0..10 {
+        put(&nodes[l], &format!("k{i}"), "v1").await;
+    }
+    // Linearizable reads on followers see the acknowledged writes.
+    for n in &nodes {
+        assert_eq!(get(n, "k9").await.as_deref(), Some("v1"));
+    }
+    // A follower refuses writes and names the leader.
+    let f = (l + 1) % 3;
+    let err = nodes[f].replica.write(json!({"k": "x", "v": "y"}), Deadline::after(Duration::from_secs(2))).await.unwrap_err();
+    assert_eq!(err.code, "not_leader");
+    assert_eq!(err.leader.as_deref(), Some(nodes[l].url.as_str()));
+
+    // Kill the leader: a new one is elected and the data is still there.
+    let (old_id, old_url, old_dir) = nodes.remove(l).kill().await;
+    let survivors: Vec<&Node> = nodes.iter().collect();
+    let new_leader = leader_of(&survivors).await;
+    assert_ne!(new_leader, leader);
+    let nl = nodes.iter().position(|n| n.replica.id == new_leader).unwrap();
+    put(&nodes[nl], "after", "failover").await;
+    for n in &nodes {
+        assert_eq!(get(n, "k3").await.as_deref(), Some("v1"));
+        assert_eq!(get(n, "after").await.as_deref(), Some("failover"));
+    }
+
+    // Restart the old leader from its files: it catches up and converges.
+    let listener = tokio::net::TcpListener::bind(old_url.trim_start_matches("http://")).await.unwrap();
+    let back = start_node(old_id, old_dir, Some(listener)).await;
+    nodes.push(back);
+    converge(&nodes.iter().collect::<Vec<_>>()).await;
+    let back = nodes.last().unwrap();
+    assert_eq!(get(back, "after").await.as_deref(), Some("failover"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn new_member_gets_snapshot_and_replaces_a_voter() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(root.path()).await;
+    let leader = leader_of(&nodes.iter().collect::<Vec<_>>()).await;
+    let l = nodes.iter().position(|n| n.replica.id == leader).unwrap();
+    // Enough writes to build snapshots and purge the log behind them.
+    for i in 0..100 {
+        put(&nodes[l], &format!("k{i}"), &format!("v{i}")).await;
+    }
+    wait_for("the leader to purge its log", Duration::from_secs(10), || {
+        nodes[l].replica.metrics().purged.filter(|p| p.index > 10).map(|_| ())
+    })
+    .await;
+
+    // Take a follower down for good and replace it with an empty node 4.
+    let dead = (l + 1) % 3;
+    let dead_id = nodes[dead].replica.id;
+    nodes.remove(dead).kill().await;
+    let l = nodes.iter().position(|n| n.replica.id == leader).unwrap();
+
+    let fresh = start_node(4, root.path().join("n4"), None).await;
+    nodes[l].replica.add_learner(4, &fresh.url).await.unwrap();
+    // The learner started from nothing: it can only have caught up through a snapshot.
+    wait_for("node 4 to install a snapshot", Duration::from_secs(10), || fresh.replica.metrics().snapshot.map(|_| ())).await;
+    let voters = nodes.iter().map(|n| n.replica.id).chain([4]).collect();
+    nodes[l].replica.change_voters(voters, false).await.unwrap();
+    nodes.push(fresh);
+
+    let m = nodes[l].replica.metrics();
+    let voter_ids: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+    assert!(voter_ids.contains(&4) && !voter_ids.contains(&dead_id), "voters: {voter_ids:?}");
+    put(&nodes[l], "final", "yes").await;
+    converge(&nodes.iter().collect::<Vec<_>>()).await;
+    assert_eq!(get(nodes.last().unwrap(), "k42").await.as_deref(), Some("v42"));
+    assert_eq!(get(nodes.last().unwrap(), "final").await.as_deref(), Some("yes"));
+}
