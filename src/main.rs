@@ -1,1 +1,398 @@
-fn main() {}
+//! `quire`: one binary, every role. This file only parses arguments, sets up tracing,
+//! binds listeners and calls each service's `run`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use quire::supervisor::{Store, StoreOptions};
+use quire_common::http::Token;
+
+#[derive(Parser)]
+#[command(name = "quire", version, about = "A replicated, self-scaling bookstore")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a whole store on this machine: edge, frontends, balancers, two Raft groups.
+    Up(UpArgs),
+    /// Show every server of a running store.
+    Status {
+        #[arg(long, default_value = "quire-data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Exit 0 when URL answers /health (for container healthchecks).
+    Health { url: String },
+    /// Operator commands.
+    #[command(subcommand)]
+    Admin(AdminCmd),
+    /// Run a balancer (edge, catalog or order tier).
+    Balancer(BalancerArgs),
+    /// Run a catalog replica.
+    Catalog(CatalogArgs),
+    /// Run an order replica.
+    Order(OrderArgs),
+    /// Run a frontend.
+    Frontend(FrontendArgs),
+}
+
+#[derive(Args)]
+struct UpArgs {
+    #[arg(long, default_value = "quire-data")]
+    data_dir: PathBuf,
+    /// Load this catalog (CSV with header id,title,topic,price,stock) instead of the seven books.
+    #[arg(long)]
+    catalog: Option<PathBuf>,
+    /// Port of the edge balancer, the store's public entry point.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    #[arg(long, default_value_t = 2)]
+    frontends: usize,
+    /// Do not run the autoscaler (quire has none yet: the flag is accepted for later).
+    #[arg(long)]
+    no_autoscale: bool,
+    /// Do not restart servers that die.
+    #[arg(long)]
+    no_restart: bool,
+    #[arg(long, default_value_t = 100)]
+    restock_amount: u32,
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    restock_delay: Duration,
+    /// Show every server's log on stderr (they always go to DATA/logs/).
+    #[arg(long)]
+    verbose: bool,
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Replace a dead voter: add the new node as a learner, wait until caught up, change membership.
+    ReplaceVoter {
+        /// URL of any live member of the group.
+        #[arg(long)]
+        via: String,
+        #[arg(long)]
+        remove: u64,
+        /// The new node, as ID=URL (it must be running).
+        #[arg(long, value_parser = parse_member)]
+        add: (u64, String),
+        #[arg(long, env = "QUIRE_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    #[arg(long)]
+    name: Option<String>,
+    /// Address to bind, e.g. 127.0.0.1:4101 or 0.0.0.0:80.
+    #[arg(long)]
+    listen: String,
+    /// Base URL others reach this server at (defaults to http://LISTEN).
+    #[arg(long)]
+    advertise: Option<String>,
+    #[arg(long, env = "QUIRE_TOKEN", hide_env_values = true)]
+    token: String,
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct BalancerArgs {
+    #[command(flatten)]
+    common: Common,
+    /// edge, catalog or order.
+    #[arg(long)]
+    tier: quire_balancer::Tier,
+    /// Backend base URLs known at start (more may register at runtime).
+    #[arg(long)]
+    backend: Vec<String>,
+}
+
+#[derive(Args)]
+struct RaftArgs {
+    #[arg(long)]
+    id: u64,
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Found a new group with these voters (ID=URL, repeated); ignored once initialised.
+    #[arg(long, value_parser = parse_member)]
+    init: Vec<(u64, String)>,
+    /// Balancers to register with.
+    #[arg(long)]
+    balancer: Vec<String>,
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    election_min: Duration,
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    election_max: Duration,
+    /// Snapshot (and purge the log) every this many entries.
+    #[arg(long, default_value_t = 5000)]
+    snapshot_every: u64,
+}
+
+#[derive(Args)]
+struct CatalogArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    raft: RaftArgs,
+    #[arg(long)]
+    catalog: Option<PathBuf>,
+    #[arg(long, default_value_t = 100)]
+    restock_amount: u32,
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    restock_delay: Duration,
+    /// Frontend cache lease; must be shorter than the election timeout.
+    #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
+    lease: Duration,
+}
+
+#[derive(Args)]
+struct OrderArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    raft: RaftArgs,
+    #[arg(long, required = true)]
+    catalog_balancer: Vec<String>,
+    /// Pending orders older than this are finished by the recovery task.
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    recover_after: Duration,
+}
+
+#[derive(Args)]
+struct FrontendArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, required = true)]
+    catalog_balancer: Vec<String>,
+    #[arg(long, required = true)]
+    order_balancer: Vec<String>,
+    /// Edge balancers to register with.
+    #[arg(long)]
+    edge: Vec<String>,
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    browse_deadline: Duration,
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    buy_deadline: Duration,
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    lease_renew: Duration,
+}
+
+fn parse_member(text: &str) -> Result<(u64, String), String> {
+    let (id, url) = text.split_once('=').ok_or("expected ID=URL")?;
+    Ok((id.parse().map_err(|_| "the id must be an integer")?, url.to_string()))
+}
+
+impl Common {
+    fn advertise(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+}
+
+impl RaftArgs {
+    fn tuning(&self) -> quire_raft::Tuning {
+        quire_raft::Tuning {
+            heartbeat: self.heartbeat,
+            election_min: self.election_min,
+            election_max: self.election_max,
+            snapshot_every: self.snapshot_every,
+        }
+    }
+
+    fn init(&self) -> Option<BTreeMap<u64, String>> {
+        (!self.init.is_empty()).then(|| self.init.iter().cloned().collect())
+    }
+}
+
+/// Sets up tracing, binds, and hands the listener to `run`.
+async fn serve<F, Fut>(common: &Common, default_name: &str, run: F) -> anyhow::Result<()>
+where
+    F: FnOnce(TcpListener, String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let name = common.name.clone().unwrap_or_else(|| default_name.to_string());
+    let _guard = quire_common::telemetry::init(&name, common.log_file.as_deref())?;
+    let listener =
+        TcpListener::bind(&common.listen).await.with_context(|| format!("cannot listen on {}", common.listen))?;
+    let result = run(listener, name.clone()).await;
+    match &result {
+        Ok(()) => tracing::info!(server = %name, "stopped"),
+        Err(e) => tracing::error!(server = %name, error = %e, "failed"),
+    }
+    result
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Up(args) => up(args).await,
+        Cmd::Status { data_dir, json } => {
+            let rows = quire::status::collect(&data_dir).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", quire::status::table(&rows));
+            }
+            Ok(())
+        }
+        Cmd::Health { url } => {
+            let url = format!("{}/health", url.trim_end_matches('/'));
+            let ok = reqwest::Client::new()
+                .get(&url)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            std::process::exit(if ok { 0 } else { 1 });
+        }
+        Cmd::Admin(AdminCmd::ReplaceVoter { via, remove, add, token }) => {
+            let _guard = quire_common::telemetry::init("admin", None)?;
+            quire::admin::replace_voter(&via, &token, remove, add.0, &add.1).await?;
+            println!("node {} replaced node {remove}", add.0);
+            Ok(())
+        }
+        Cmd::Balancer(args) => {
+            let default_name = args.tier.to_string();
+            serve(&args.common, &default_name, |listener, name| {
+                let config = quire_balancer::Config {
+                    name,
+                    tier: args.tier,
+                    advertise_url: args.common.advertise(),
+                    token: Token::new(&args.common.token),
+                    backends: args.backend.clone(),
+                    heartbeat: quire_balancer::DEFAULT_HEARTBEAT,
+                };
+                quire_balancer::run(listener, config, quire_common::shutdown::signal())
+            })
+            .await
+        }
+        Cmd::Catalog(args) => {
+            let default_name = format!("catalog-{}", args.raft.id);
+            serve(&args.common, &default_name, |listener, name| {
+                let config = quire_catalog::Config {
+                    name,
+                    id: args.raft.id,
+                    advertise: args.common.advertise(),
+                    data_dir: args.raft.data_dir.clone(),
+                    token: Token::new(&args.common.token),
+                    tuning: args.raft.tuning(),
+                    init_members: args.raft.init(),
+                    balancers: args.raft.balancer.clone(),
+                    catalog_csv: args.catalog.clone(),
+                    restock: quire_catalog::RestockPolicy { amount: args.restock_amount, delay: args.restock_delay },
+                    lease_ttl: args.lease,
+                };
+                quire_catalog::run(listener, config, quire_common::shutdown::signal())
+            })
+            .await
+        }
+        Cmd::Order(args) => {
+            let default_name = format!("order-{}", args.raft.id);
+            serve(&args.common, &default_name, |listener, name| {
+                let config = quire_order::Config {
+                    name,
+                    id: args.raft.id,
+                    advertise: args.common.advertise(),
+                    data_dir: args.raft.data_dir.clone(),
+                    token: Token::new(&args.common.token),
+                    tuning: args.raft.tuning(),
+                    init_members: args.raft.init(),
+                    balancers: args.raft.balancer.clone(),
+                    catalog: args.catalog_balancer.clone(),
+                    recover_after: args.recover_after,
+                };
+                quire_order::run(listener, config, quire_common::shutdown::signal())
+            })
+            .await
+        }
+        Cmd::Frontend(args) => {
+            serve(&args.common, "frontend", |listener, name| {
+                let config = quire_frontend::Config {
+                    name,
+                    advertise: args.common.advertise(),
+                    token: Token::new(&args.common.token),
+                    catalog: args.catalog_balancer.clone(),
+                    order: args.order_balancer.clone(),
+                    edge: args.edge.clone(),
+                    browse_budget: args.browse_deadline,
+                    buy_budget: args.buy_deadline,
+                    lease_renew: args.lease_renew,
+                };
+                quire_frontend::run(listener, config, quire_common::shutdown::signal())
+            })
+            .await
+        }
+    }
+}
+
+/// `quire up`: start the store, wait until it answers, keep it running (restarting servers
+/// that die) until Ctrl-C or SIGTERM, then stop every child.
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let _guard = quire_common::telemetry::init("quire-up", Some(&args.data_dir.join("logs").join("quire-up.log")))?;
+    let mut opts = StoreOptions::new(&args.data_dir, std::env::current_exe()?);
+    opts.catalog_csv = args.catalog.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
+    opts.edge_port = args.port;
+    opts.frontends = args.frontends;
+    opts.restock_amount = args.restock_amount;
+    opts.restock_delay = args.restock_delay;
+    opts.verbose = args.verbose;
+    if !args.no_autoscale {
+        tracing::info!("no autoscaler is built yet; tiers keep their initial size");
+    }
+    let store = Store::launch(&opts)?;
+    let edge = store.url("edge")?;
+    let client = quire_common::client::http_client();
+    let started = std::time::Instant::now();
+    let shutdown = quire_common::shutdown::signal();
+    tokio::pin!(shutdown);
+    let mut announced = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tick.tick() => {}
+        }
+        if !announced {
+            let ready = client.get(format!("{edge}/lookup/1")).timeout(Duration::from_secs(1)).send().await;
+            if ready.is_ok_and(|r| r.status().is_success() || r.status() == reqwest::StatusCode::NOT_FOUND) {
+                announced = true;
+                println!(
+                    "quire is up at {edge} (in {:.1}s); data and logs in {}",
+                    started.elapsed().as_secs_f64(),
+                    args.data_dir.display()
+                );
+                println!(
+                    "try: curl {edge}/search/distributed%20systems   |   quire status --data-dir {}",
+                    args.data_dir.display()
+                );
+            }
+        }
+        for (name, status) in store.reap_exited() {
+            if args.no_restart {
+                tracing::warn!(server = %name, %status, "server exited");
+                continue;
+            }
+            tracing::warn!(server = %name, %status, "server exited; restarting it");
+            match store.restart(&name) {
+                Ok(pid) => tracing::info!(server = %name, pid, "restarted"),
+                Err(e) => tracing::error!(server = %name, error = %e, "cannot restart"),
+            }
+        }
+    }
+    println!("stopping quire...");
+    tokio::task::block_in_place(|| store.stop(Duration::from_secs(10)));
+    println!("stopped");
+    Ok(())
+}

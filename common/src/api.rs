@@ -167,6 +167,9 @@ pub struct LeaseGrant {
     pub ttl_ms: u64,
     pub leader_id: u64,
     pub term: u64,
+    /// The frontend missed an invalidation under its previous lease: it must empty its
+    /// cache before serving from it again.
+    pub flush: bool,
 }
 
 pub fn cents_to_price(cents: i64) -> f64 {

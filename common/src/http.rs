@@ -36,9 +36,11 @@ fn json_rejection(status: StatusCode, detail: String) -> ApiError {
         StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::new(status, "payload_too_large", format!("request body is larger than {MAX_BODY_BYTES} bytes"))
         }
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
-            ApiError::new(status, "unsupported_media_type", "request body must be JSON (Content-Type: application/json)")
-        }
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+            status,
+            "unsupported_media_type",
+            "request body must be JSON (Content-Type: application/json)",
+        ),
         _ => ApiError::bad_request("invalid_body", detail),
     }
 }

@@ -1,6 +1,7 @@
 //! Shared vocabulary of every quire server.
 //!
 //! # Layout
+//! - [`announce`]: servers registering with their balancers.
 //! - [`api`]: the JSON types of the public API and of the internal service APIs.
 //! - [`error`]: [`ApiError`], the one error body every server answers with.
 //! - [`headers`]: names of the headers that travel between tiers (token, deadline, leader hint).
@@ -11,6 +12,7 @@
 //! - [`telemetry`]: tracing to stderr and to a per-server file.
 //! - [`shutdown`]: the Ctrl-C / SIGTERM future handed to every `run`.
 
+pub mod announce;
 pub mod api;
 pub mod client;
 pub mod deadline;

@@ -1,1 +1,334 @@
-//! placeholder
+//! The frontend: quire's public REST API. Stateless but for its cache of lookups, kept
+//! coherent by the catalog leader's invalidations and lease (see [`cache`]).
+//!
+//! # Layout
+//! - [`cache`]: versioned entries, invalidation floors, the lease.
+//! - [`upstream`]: calls to the catalog and order balancers with deadlines and retries.
+//! - this file: routes, handlers, the lease renewal task, `run`.
+
+pub mod cache;
+pub mod upstream;
+
+use std::future::{Future, IntoFuture};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::net::TcpListener;
+
+use quire_common::api::*;
+use quire_common::http::{finish, guarded, Json, Token};
+use quire_common::status::{Role, ServerStatus};
+use quire_common::{headers, ApiError, Deadline};
+
+use cache::Cache;
+use upstream::Tier;
+
+pub struct Config {
+    pub name: String,
+    pub advertise: String,
+    pub token: Token,
+    pub catalog: Vec<String>,
+    pub order: Vec<String>,
+    /// Edge balancers to register with.
+    pub edge: Vec<String>,
+    pub browse_budget: Duration,
+    pub buy_budget: Duration,
+    /// How often the cache lease is renewed (a third of its length is right).
+    pub lease_renew: Duration,
+}
+
+#[derive(Clone)]
+pub struct Frontend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    advertise: String,
+    cache: Cache,
+    catalog: Tier,
+    order: Tier,
+    browse_budget: Duration,
+    buy_budget: Duration,
+}
+
+impl Frontend {
+    pub fn new(config: &Config, client: reqwest::Client) -> Self {
+        let token = config.token.0.clone();
+        Frontend {
+            inner: Arc::new(Inner {
+                name: config.name.clone(),
+                advertise: config.advertise.clone(),
+                cache: Cache::default(),
+                catalog: Tier::new(config.catalog.clone(), client.clone(), token.clone()),
+                order: Tier::new(config.order.clone(), client, token),
+                browse_budget: config.browse_budget,
+                buy_budget: config.buy_budget,
+            }),
+        }
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.inner.cache
+    }
+}
+
+pub fn router(frontend: Frontend, token: Token) -> Router {
+    let public = Router::new()
+        .route("/search/:topic", get(search_topic))
+        .route("/search", get(search_text))
+        .route("/lookup/:id", get(lookup))
+        .route("/buy/:id", post(buy))
+        .route("/orders/:id", get(order))
+        .route("/health", get(|| async { axum::Json(serde_json::json!({"ok": true})) }))
+        .route("/ready", get(status))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(frontend.clone());
+    let internal = Router::new().route("/internal/invalidate", post(invalidate)).with_state(frontend);
+    finish(public.merge(guarded(internal, token)))
+}
+
+fn parse_id(text: &str) -> Result<u64, ApiError> {
+    text.parse::<u64>()
+        .ok()
+        .filter(|id| *id > 0 && *id <= i64::MAX as u64)
+        .ok_or_else(|| ApiError::bad_request("invalid_id", format!("{text:?} is not a positive integer id")))
+}
+
+fn json_bytes(bytes: Bytes) -> Response {
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], bytes).into_response()
+}
+
+async fn lookup(State(f): State<Frontend>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    if let Some(json) = f.inner.cache.get(id) {
+        return Ok(json_bytes(json));
+    }
+    let generation = f.inner.cache.generation();
+    let deadline = Deadline::from_headers_or(&headers, f.inner.browse_budget);
+    let fetched: VersionedBook = f.inner.catalog.get(&format!("/books/{id}"), deadline).await?;
+    let json = Bytes::from(serde_json::to_vec(&fetched.book).map_err(|e| ApiError::internal(e.to_string()))?);
+    f.inner.cache.put(id, json.clone(), fetched.version, generation);
+    Ok(json_bytes(json))
+}
+
+async fn search_topic(
+    State(f): State<Frontend>,
+    Path(topic): Path<String>,
+    headers: HeaderMap,
+) -> Result<axum::Json<TopicResults>, ApiError> {
+    if topic.is_empty() || topic.len() > MAX_TOPIC_LEN {
+        return Err(ApiError::bad_request("invalid_topic", format!("a topic is 1 to {MAX_TOPIC_LEN} bytes long")));
+    }
+    let path = format!("/topics/{}", urlencode(&topic));
+    f.inner.catalog.get(&path, Deadline::from_headers_or(&headers, f.inner.browse_budget)).await.map(axum::Json)
+}
+
+#[derive(serde::Deserialize)]
+struct SearchParams {
+    q: Option<String>,
+}
+
+async fn search_text(
+    State(f): State<Frontend>,
+    Query(params): Query<SearchParams>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<axum::Json<SearchPage>, ApiError> {
+    if params.q.as_deref().is_none_or(|q| q.trim().is_empty()) {
+        return Err(ApiError::bad_request("invalid_query", "give the words to search for as ?q="));
+    }
+    let path = format!("/search?{}", raw.unwrap_or_default());
+    f.inner.catalog.get(&path, Deadline::from_headers_or(&headers, f.inner.browse_budget)).await.map(axum::Json)
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn valid_key(key: &str) -> bool {
+    (1..=128).contains(&key.len())
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+async fn buy(
+    State(f): State<Frontend>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let item_id = parse_id(&id)?;
+    let request: BuyRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        BuyRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request("invalid_body", format!("the body must be {{\"quantity\": n}}: {e}")))?
+    };
+    let quantity = match request.quantity {
+        None => 1,
+        Some(q) if q >= 1 && q <= i64::from(MAX_QUANTITY) => q as u32,
+        Some(q) => {
+            return Err(ApiError::bad_request(
+                "invalid_quantity",
+                format!("quantity must be an integer from 1 to {MAX_QUANTITY}, not {q}"),
+            ))
+        }
+    };
+    let key = match headers.get(headers::IDEMPOTENCY_KEY) {
+        Some(v) => match v.to_str() {
+            Ok(k) if valid_key(k) => k.to_string(),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_key",
+                    "Idempotency-Key must be 1 to 128 letters, digits or - _ . :",
+                ))
+            }
+        },
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    let deadline = Deadline::from_headers_or(&headers, f.inner.buy_budget);
+    let place = PlaceOrder { key: key.clone(), item_id, quantity };
+    let result = f.inner.order.post_keyed::<Receipt, _>("/orders", &key, &place, deadline).await;
+    let mut response = match result {
+        Ok(receipt) => axum::Json(receipt).into_response(),
+        Err(e) if e.code == "deadline_exceeded" => ApiError::deadline_exceeded(format!(
+            "the purchase did not finish in time and its outcome is not known yet; retry with Idempotency-Key: {key}"
+        ))
+        .into_response(),
+        Err(e) => e.into_response(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&key) {
+        response.headers_mut().insert(headers::IDEMPOTENCY_KEY, value);
+    }
+    Ok(response)
+}
+
+async fn order(
+    State(f): State<Frontend>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Order>, ApiError> {
+    let id = parse_id(&id)?;
+    f.inner
+        .order
+        .get(&format!("/orders/{id}"), Deadline::from_headers_or(&headers, f.inner.browse_budget))
+        .await
+        .map(axum::Json)
+}
+
+async fn invalidate(State(f): State<Frontend>, Json(inv): Json<Invalidation>) -> axum::Json<serde_json::Value> {
+    for id in inv.ids {
+        f.inner.cache.erase(id, inv.version);
+    }
+    axum::Json(serde_json::json!({"ok": true}))
+}
+
+fn server_status(f: &Frontend) -> ServerStatus {
+    let c = &f.inner.cache;
+    ServerStatus {
+        name: f.inner.name.clone(),
+        tier: "frontend".into(),
+        url: f.inner.advertise.clone(),
+        pid: std::process::id(),
+        role: Role::None,
+        ready: true,
+        details: serde_json::json!({
+            "cache_entries": c.len(),
+            "cache_hits": c.hits.load(Ordering::Relaxed),
+            "cache_misses": c.misses.load(Ordering::Relaxed),
+            "cache_flushes": c.flushes.load(Ordering::Relaxed),
+            "lease_valid": c.lease_valid(),
+        }),
+        ..Default::default()
+    }
+}
+
+async fn status(State(f): State<Frontend>) -> axum::Json<ServerStatus> {
+    axum::Json(server_status(&f))
+}
+
+async fn metrics(State(f): State<Frontend>) -> String {
+    let c = &f.inner.cache;
+    let l = format!("server=\"{}\"", f.inner.name);
+    format!(
+        "# TYPE quire_cache_hits_total counter\nquire_cache_hits_total{{{l}}} {}\n\
+         # TYPE quire_cache_misses_total counter\nquire_cache_misses_total{{{l}}} {}\n\
+         # TYPE quire_cache_flushes_total counter\nquire_cache_flushes_total{{{l}}} {}\n\
+         # TYPE quire_cache_lease_valid gauge\nquire_cache_lease_valid{{{l}}} {}\n",
+        c.hits.load(Ordering::Relaxed),
+        c.misses.load(Ordering::Relaxed),
+        c.flushes.load(Ordering::Relaxed),
+        u8::from(c.lease_valid()),
+    )
+}
+
+/// Keeps the cache lease running: asks the catalog leader (through the catalog balancer)
+/// every `every`, and flushes when the leader changed or says an invalidation was missed.
+fn spawn_lease_renewal(f: Frontend, every: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut leader: Option<(u64, u64)> = None;
+        loop {
+            tick.tick().await;
+            let sent_at = Instant::now();
+            let request = LeaseRequest { frontend: f.inner.advertise.clone() };
+            // Never wait for a grant past the lease it would extend.
+            let deadline = Deadline::after(every * 2);
+            match f.inner.catalog.post_keyed::<LeaseGrant, _>("/leases", "lease", &request, deadline).await {
+                Ok(grant) => {
+                    let this = (grant.leader_id, grant.term);
+                    let changed = leader.is_some_and(|l| l != this);
+                    if changed || grant.flush {
+                        tracing::info!(
+                            leader = grant.leader_id,
+                            term = grant.term,
+                            flush = grant.flush,
+                            "cache flushed on lease renewal"
+                        );
+                    }
+                    f.inner.cache.renew(sent_at, Duration::from_millis(grant.ttl_ms), changed || grant.flush);
+                    leader = Some(this);
+                }
+                Err(e) => tracing::debug!(error = %e, "lease not renewed"),
+            }
+        }
+    });
+}
+
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !config.catalog.is_empty() && !config.order.is_empty(),
+        "a frontend needs catalog and order balancers"
+    );
+    let client = quire_common::client::http_client();
+    let frontend = Frontend::new(&config, client.clone());
+    spawn_lease_renewal(frontend.clone(), config.lease_renew);
+    quire_common::announce::spawn(
+        client,
+        config.edge.clone(),
+        config.advertise.clone(),
+        config.token.0.to_string(),
+        Duration::from_secs(2),
+    );
+    tracing::info!(url = %config.advertise, "frontend serving");
+    axum::serve(listener, router(frontend, config.token)).with_graceful_shutdown(shutdown).into_future().await?;
+    Ok(())
+}

@@ -139,3 +139,88 @@ async fn digest(State(r): Shared) -> Result<axum::Json<DigestAnswer>, ApiError> 
         r.reads.digest(r.machine.tables()).await.map_err(|e| ApiError::internal(format!("digest failed: {e}")))?;
     Ok(axum::Json(DigestAnswer { applied_index, digest }))
 }
+
+/// Who a replica is, for its `/status`.
+#[derive(Clone)]
+pub struct Identity {
+    pub name: String,
+    /// `catalog` or `order`.
+    pub tier: String,
+    /// A service-specific condition for readiness besides being caught up (the catalog:
+    /// seeded). `None`: none.
+    pub gate: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl Identity {
+    pub fn new(name: impl Into<String>, tier: impl Into<String>) -> Self {
+        Identity { name: name.into(), tier: tier.into(), gate: None }
+    }
+}
+
+/// `/health`, `/ready`, `/status` and `/metrics` of a replica (no token: balancers and
+/// operators poll them; they reveal no data).
+pub fn status_router(replica: Arc<Replica>, identity: Identity) -> Router {
+    Router::new()
+        .route("/health", get(|| async { axum::Json(serde_json::json!({"ok": true})) }))
+        .route("/ready", get(ready))
+        .route("/status", get(status))
+        .route("/metrics", get(prometheus))
+        .with_state((replica, identity))
+}
+
+type StatusState = State<(Arc<Replica>, Identity)>;
+
+pub fn server_status(replica: &Replica, identity: &Identity) -> quire_common::status::ServerStatus {
+    let m = replica.metrics();
+    let leader = replica.leader();
+    let membership = m.membership_config.membership();
+    quire_common::status::ServerStatus {
+        name: identity.name.clone(),
+        tier: identity.tier.clone(),
+        url: replica.advertise.clone(),
+        pid: std::process::id(),
+        role: replica.role(),
+        node_id: Some(replica.id),
+        leader: leader.as_ref().map(|(id, _)| *id),
+        leader_url: leader.map(|(_, url)| url),
+        term: m.current_term,
+        applied_index: m.last_applied.map_or(0, |l| l.index),
+        ready: replica.ready() && identity.gate.as_ref().is_none_or(|g| g.load(std::sync::atomic::Ordering::Acquire)),
+        details: serde_json::json!({
+            "last_log_index": m.last_log_index,
+            "snapshot_index": m.snapshot.map(|s| s.index),
+            "purged_index": m.purged.map(|s| s.index),
+            "voters": membership.voter_ids().collect::<Vec<_>>(),
+            "learners": membership.learner_ids().collect::<Vec<_>>(),
+        }),
+    }
+}
+
+async fn ready(State((r, identity)): StatusState) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let status = server_status(&r, &identity);
+    if status.ready {
+        axum::Json(status).into_response()
+    } else {
+        ApiError::unavailable("this replica is not caught up with a known leader").into_response()
+    }
+}
+
+async fn status(State((r, identity)): StatusState) -> axum::Json<quire_common::status::ServerStatus> {
+    axum::Json(server_status(&r, &identity))
+}
+
+async fn prometheus(State((r, identity)): StatusState) -> String {
+    let m = r.metrics();
+    let labels = format!("server=\"{}\",tier=\"{}\"", identity.name, identity.tier);
+    format!(
+        "# TYPE quire_raft_term gauge\nquire_raft_term{{{labels}}} {}\n\
+         # TYPE quire_raft_applied_index gauge\nquire_raft_applied_index{{{labels}}} {}\n\
+         # TYPE quire_raft_last_log_index gauge\nquire_raft_last_log_index{{{labels}}} {}\n\
+         # TYPE quire_raft_is_leader gauge\nquire_raft_is_leader{{{labels}}} {}\n",
+        m.current_term,
+        m.last_applied.map_or(0, |l| l.index),
+        m.last_log_index.unwrap_or(0),
+        u8::from(r.is_leader()),
+    )
+}

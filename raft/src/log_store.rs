@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{Entry, LogId, OptionalSend, RaftLogReader, RaftLogId, StorageError, StorageIOError, Vote};
+use openraft::{Entry, LogId, OptionalSend, RaftLogId, RaftLogReader, StorageError, StorageIOError, Vote};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -84,10 +84,8 @@ impl LogStore {
 }
 
 fn read_meta<T: DeserializeOwned>(conn: &Connection, name: &str) -> StorageResult<Option<T>> {
-    let text: Option<String> = conn
-        .query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| r.get(0))
-        .optional()
-        .map_err(read_err)?;
+    let text: Option<String> =
+        conn.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| r.get(0)).optional().map_err(read_err)?;
     text.map(|t| serde_json::from_str(&t).map_err(read_err)).transpose()
 }
 
@@ -106,7 +104,8 @@ fn bounds(range: &impl RangeBounds<u64>) -> (i64, i64) {
 }
 
 fn read_entries(conn: &Connection, start: i64, end: i64) -> StorageResult<Vec<Entry<TypeConfig>>> {
-    let mut stmt = conn.prepare_cached("SELECT entry FROM log WHERE idx >= ?1 AND idx <= ?2 ORDER BY idx").map_err(read_err)?;
+    let mut stmt =
+        conn.prepare_cached("SELECT entry FROM log WHERE idx >= ?1 AND idx <= ?2 ORDER BY idx").map_err(read_err)?;
     let rows = stmt.query_map(params![start, end], |r| r.get::<_, String>(0)).map_err(read_err)?;
     let mut entries = Vec::new();
     for row in rows {

@@ -69,7 +69,8 @@ impl Peer {
         }
         let result: Result<Resp, RaftError<NodeId, E>> =
             response.json().await.map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, BasicNode::new(&self.addr), e)))
+        result
+            .map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, BasicNode::new(&self.addr), e)))
     }
 }
 

@@ -277,7 +277,9 @@ impl Replica {
 
 fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ApiError {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ApiError::not_leader(f.leader_node.map(|n| n.addr)),
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            ApiError::not_leader(f.leader_node.map(|n| n.addr))
+        }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
             ApiError::new(axum::http::StatusCode::CONFLICT, "bad_request", c.to_string())
         }

@@ -206,7 +206,8 @@ fn apply_batch(
         };
         responses.push(response);
     }
-    let mut put = tx.prepare_cached("INSERT OR REPLACE INTO quire_meta (name, value) VALUES (?1, ?2)").map_err(sm_err)?;
+    let mut put =
+        tx.prepare_cached("INSERT OR REPLACE INTO quire_meta (name, value) VALUES (?1, ?2)").map_err(sm_err)?;
     if let Some(last) = last {
         put.execute(params!["last_applied", serde_json::to_string(&last).map_err(sm_err)?]).map_err(sm_err)?;
     }

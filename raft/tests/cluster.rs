@@ -54,7 +54,8 @@ async fn start_node(id: NodeId, dir: std::path::PathBuf, listener: Option<tokio:
         None => tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
     };
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let config = ReplicaConfig { id, advertise: url.clone(), dir: dir.clone(), token: Token::new(TOKEN), tuning: tuning() };
+    let config =
+        ReplicaConfig { id, advertise: url.clone(), dir: dir.clone(), token: Token::new(TOKEN), tuning: tuning() };
     let replica = Replica::start(config, Arc::new(Kv)).await.unwrap();
     let app = quire_raft::http::router(replica.clone(), Token::new(TOKEN));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -90,10 +91,8 @@ async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
 }
 
 async fn leader_of(nodes: &[&Node]) -> NodeId {
-    wait_for("a leader", Duration::from_secs(10), || {
-        nodes.iter().find(|n| n.replica.is_leader()).map(|n| n.replica.id)
-    })
-    .await
+    wait_for("a leader", Duration::from_secs(10), || nodes.iter().find(|n| n.replica.is_leader()).map(|n| n.replica.id))
+        .await
 }
 
 async fn put(node: &Node, k: &str, v: &str) -> u64 {
@@ -162,7 +161,8 @@ async fn elects_replicates_and_fails_over() {
     }
     // A follower refuses writes and names the leader.
     let f = (l + 1) % 3;
-    let err = nodes[f].replica.write(json!({"k": "x", "v": "y"}), Deadline::after(Duration::from_secs(2))).await.unwrap_err();
+    let err =
+        nodes[f].replica.write(json!({"k": "x", "v": "y"}), Deadline::after(Duration::from_secs(2))).await.unwrap_err();
     assert_eq!(err.code, "not_leader");
     assert_eq!(err.leader.as_deref(), Some(nodes[l].url.as_str()));
 
@@ -211,7 +211,8 @@ async fn new_member_gets_snapshot_and_replaces_a_voter() {
     let fresh = start_node(4, root.path().join("n4"), None).await;
     nodes[l].replica.add_learner(4, &fresh.url).await.unwrap();
     // The learner started from nothing: it can only have caught up through a snapshot.
-    wait_for("node 4 to install a snapshot", Duration::from_secs(10), || fresh.replica.metrics().snapshot.map(|_| ())).await;
+    wait_for("node 4 to install a snapshot", Duration::from_secs(10), || fresh.replica.metrics().snapshot.map(|_| ()))
+        .await;
     let voters = nodes.iter().map(|n| n.replica.id).chain([4]).collect();
     nodes[l].replica.change_voters(voters, false).await.unwrap();
     nodes.push(fresh);

@@ -1,0 +1,192 @@
+//! The catch-all route: forwards every request that is not the balancer's own to a backend.
+//!
+//! Reads go round-robin over the backends in rotation; writes of a Raft tier go to the leader,
+//! following `not_leader` hints. A failed attempt is repeated elsewhere only when that cannot
+//! apply the request twice: it never left (connection refused), a replica refused it as not
+//! leader, it is a read, or it carries an idempotency key. Otherwise the client learns that the
+//! outcome is unknown (STYLE.md, habit 6) rather than risking a second execution.
+//!
+//! Backend answers are buffered, not streamed: bodies are small JSON, and buffering lets a read
+//! whose answer breaks off midway be retried like any other failed read.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use quire_common::api::MAX_BODY_BYTES;
+use quire_common::error::ErrorBody;
+use quire_common::{headers, ApiError, Deadline};
+use tracing::{debug, warn};
+
+use crate::{Balancer, Tier};
+
+/// Longest a single attempt may take, and the budget of a request without a deadline header.
+const ATTEMPT_CAP: Duration = Duration::from_secs(10);
+/// How many `not_leader` hints one request follows; guards against hints that loop.
+const MAX_HINT_HOPS: usize = 3;
+
+/// Headers that describe one connection, not the request (RFC 9110 §7.6.1), plus `Host`,
+/// which reqwest sets from the backend's URL.
+const HOP_BY_HOP: &[header::HeaderName] = &[
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::HOST,
+];
+
+/// A backend's buffered answer.
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+pub async fn forward(balancer: Balancer, request: Request) -> Response {
+    balancer.stats.count(&balancer.stats.requests);
+    match attempt_all(&balancer, request).await {
+        Ok(response) => response,
+        Err(error) => {
+            balancer.stats.count(&balancer.stats.failures);
+            error.into_response()
+        }
+    }
+}
+
+async fn attempt_all(balancer: &Balancer, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let deadline = Deadline::from_headers(&parts.headers);
+    if deadline.is_some_and(|d| d.expired()) {
+        return Err(ApiError::deadline_exceeded("the request's deadline passed before it could be forwarded"));
+    }
+    let body = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| {
+        let message = format!("request body is larger than {MAX_BODY_BYTES} bytes");
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+    })?;
+    let is_read = parts.method == Method::GET || parts.method == Method::HEAD;
+    // The same key makes a second delivery a no-op at the backend, so a keyed write may be
+    // repeated as freely as a read.
+    let repeatable = is_read || parts.headers.contains_key(headers::IDEMPOTENCY_KEY);
+    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut outgoing = parts.headers;
+    strip_hop_by_hop(&mut outgoing);
+
+    let mut plan = candidates(balancer, !is_read && balancer.tier != Tier::Edge);
+    let mut tried: Vec<String> = Vec::with_capacity(plan.len());
+    let mut hops = 0;
+    while let Some(target) = plan.pop_front() {
+        if tried.contains(&target) {
+            continue;
+        }
+        if !tried.is_empty() {
+            balancer.stats.count(&balancer.stats.retries);
+        }
+        tried.push(target.clone());
+        let timeout = match deadline {
+            Some(d) if d.expired() => return Err(ApiError::deadline_exceeded("the request's deadline passed")),
+            Some(d) => d.remaining().min(ATTEMPT_CAP),
+            None => ATTEMPT_CAP,
+        };
+        let url = format!("{target}{path}");
+        let request = balancer.client.request(parts.method.clone(), url).headers(outgoing.clone()).body(body.clone());
+        let outcome = send(request.timeout(timeout)).await;
+        let target = target.as_str();
+        match outcome {
+            Ok(answer) => {
+                if let Some(hint) = not_leader(&answer) {
+                    // A replica that is not the leader applied nothing: go where it points, or on.
+                    if let Some(leader) = hint.filter(|_| hops < MAX_HINT_HOPS) {
+                        hops += 1;
+                        plan.push_front(leader);
+                    }
+                    continue;
+                }
+                let overloaded = matches!(answer.status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE);
+                if repeatable && overloaded {
+                    continue;
+                }
+                return Ok(answer.into_response(target));
+            }
+            Err(e) if e.is_connect() => {
+                debug!(backend = target, error = %e, "backend refused the connection; trying the next");
+                if let Some(backend) = balancer.registry.find(target) {
+                    backend.mark_unreachable();
+                }
+            }
+            Err(e) if repeatable => {
+                debug!(backend = target, error = %e, "attempt failed; trying the next backend")
+            }
+            Err(e) => {
+                warn!(backend = target, error = %e, method = %parts.method, path, "write outcome unknown");
+                return Err(ApiError::deadline_exceeded(
+                    "the backend did not answer in time; the write's outcome is unknown (retry with an Idempotency-Key)",
+                ));
+            }
+        }
+    }
+    Err(ApiError::unavailable("no backend of this tier could serve the request"))
+}
+
+/// Backends to try in order: the leader first for a write, then every backend in rotation,
+/// starting at the round-robin cursor.
+fn candidates(balancer: &Balancer, to_leader: bool) -> VecDeque<String> {
+    let backends = balancer.registry.snapshot();
+    let live: Vec<&str> = backends.iter().filter(|b| b.in_rotation()).map(|b| b.url.as_str()).collect();
+    let mut plan = VecDeque::with_capacity(live.len() + 1);
+    if to_leader {
+        plan.extend(balancer.registry.leader().map(|l| l.to_string()));
+    }
+    if !live.is_empty() {
+        let start = balancer.next_turn() % live.len();
+        plan.extend(live[start..].iter().chain(&live[..start]).map(|u| u.to_string()));
+    }
+    plan
+}
+
+async fn send(request: reqwest::RequestBuilder) -> Result<Answer, reqwest::Error> {
+    let response = request.send().await?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    // The request's timeout also bounds reading the body.
+    let body = response.bytes().await?;
+    Ok(Answer { status, headers, body })
+}
+
+/// `Some(hint)` if the answer is a `not_leader` refusal; the hint is the leader's base URL.
+fn not_leader(answer: &Answer) -> Option<Option<String>> {
+    if answer.status != StatusCode::MISDIRECTED_REQUEST {
+        return None;
+    }
+    let body: ErrorBody = serde_json::from_slice(&answer.body).ok()?;
+    if body.error != "not_leader" {
+        return None;
+    }
+    let hint = answer.headers.get(headers::LEADER).and_then(|v| v.to_str().ok());
+    Some(hint.map(|h| h.trim_end_matches('/').to_string()).filter(|h| !h.is_empty()))
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+}
+
+impl Answer {
+    fn into_response(self, served_by: &str) -> Response {
+        let mut response = Response::new(Body::from(self.body));
+        *response.status_mut() = self.status;
+        *response.headers_mut() = self.headers;
+        strip_hop_by_hop(response.headers_mut());
+        if let Ok(value) = HeaderValue::from_str(served_by) {
+            response.headers_mut().insert(headers::SERVED_BY, value);
+        }
+        response
+    }
+}

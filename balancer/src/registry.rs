@@ -1,0 +1,202 @@
+//! The tier's backends, their heartbeats, and which of them are in rotation.
+//!
+//! Routing reads the registry on every request, while it changes only when a backend is added
+//! or removed, so the list is an immutable snapshot behind a lock held just long enough to
+//! copy an `Arc`. Each backend's rotation flag is an atomic that routing reads without a lock;
+//! its last `/status` sits behind a mutex that only heartbeats and `/status` touch. No lock is
+//! ever held across an `.await`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use quire_common::status::{Role, ServerStatus};
+use serde_json::json;
+use tracing::info;
+
+/// One backend: a frontend (edge tier) or a replica (catalog and order tiers).
+pub struct Backend {
+    /// Base URL without a trailing slash; the registry's key.
+    pub url: String,
+    /// The last beat succeeded with `ready` and nothing has refused a connection since.
+    in_rotation: AtomicBool,
+    beat: Mutex<Beat>,
+}
+
+/// What the heartbeats last learned.
+#[derive(Default)]
+struct Beat {
+    /// When a beat last succeeded; `None` until the first one.
+    last_ok: Option<Instant>,
+    /// The last status received; kept after failures for `/status`, but only an in-rotation
+    /// backend's status counts for leader election.
+    status: Option<ServerStatus>,
+}
+
+impl Backend {
+    fn new(url: String) -> Self {
+        // Out of rotation until a first beat proves it alive and ready.
+        Backend { url, in_rotation: AtomicBool::new(false), beat: Mutex::default() }
+    }
+
+    pub fn in_rotation(&self) -> bool {
+        self.in_rotation.load(Ordering::Relaxed)
+    }
+
+    fn beat(&self) -> MutexGuard<'_, Beat> {
+        // A panic while holding the lock leaves a consistent `Beat`: both fields are plain values.
+        self.beat.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records one heartbeat's outcome; `silence` is how long a backend may go without a
+    /// successful beat before it leaves rotation.
+    fn record(&self, outcome: Result<ServerStatus, reqwest::Error>, silence: Duration) {
+        let now = Instant::now();
+        let change = {
+            let mut beat = self.beat();
+            match outcome {
+                Ok(status) => {
+                    beat.last_ok = Some(now);
+                    let ready = status.ready;
+                    beat.status = Some(status);
+                    Some((ready, if ready { "ready" } else { "not ready" }))
+                }
+                // Nothing listens: the process is gone, no point waiting for more beats.
+                Err(e) if e.is_connect() => Some((false, "connection refused")),
+                // A slow or garbled beat is tolerated until the silence runs out; it never
+                // brings a backend back.
+                Err(_) => match beat.last_ok {
+                    Some(t) if now.duration_since(t) < silence => None,
+                    _ => Some((false, "no successful heartbeat")),
+                },
+            }
+        };
+        if let Some((on, why)) = change {
+            self.set_rotation(on, why);
+        }
+    }
+
+    /// Routing found the backend refusing connections: take it out before the next beat does.
+    pub fn mark_unreachable(&self) {
+        self.set_rotation(false, "connection refused to a request");
+    }
+
+    fn set_rotation(&self, on: bool, why: &str) {
+        if self.in_rotation.swap(on, Ordering::Relaxed) != on {
+            let verb = if on { "joined" } else { "left" };
+            info!(backend = %self.url, reason = why, "backend {verb} rotation");
+        }
+    }
+
+    /// The backend as `/status` shows it.
+    pub fn describe(&self) -> serde_json::Value {
+        let beat = self.beat();
+        let status = beat.status.as_ref();
+        json!({
+            "url": self.url,
+            "in_rotation": self.in_rotation(),
+            "ready": status.is_some_and(|s| s.ready),
+            "role": status.map(|s| s.role.clone()).unwrap_or_default(),
+            "term": status.map_or(0, |s| s.term),
+            "name": status.map(|s| s.name.clone()),
+            "last_beat_ms_ago": beat.last_ok.map(|t| t.elapsed().as_millis() as u64),
+        })
+    }
+
+    /// `(term, url)` if this backend is in rotation and last said it leads.
+    fn leads(&self) -> Option<(u64, Arc<str>)> {
+        if !self.in_rotation() {
+            return None;
+        }
+        let beat = self.beat();
+        let status = beat.status.as_ref().filter(|s| s.role == Role::Leader)?;
+        Some((status.term, self.url.as_str().into()))
+    }
+}
+
+/// The backends of one tier, keyed by base URL.
+pub struct Registry {
+    backends: RwLock<Arc<Vec<Arc<Backend>>>>,
+    /// The in-rotation backend that last claimed leadership with the highest term; recomputed
+    /// after every heartbeat round.
+    leader: RwLock<Option<Arc<str>>>,
+}
+
+impl Registry {
+    pub fn new(urls: impl IntoIterator<Item = String>) -> Self {
+        let registry = Registry { backends: RwLock::default(), leader: RwLock::default() };
+        for url in urls {
+            registry.add(&url);
+        }
+        registry
+    }
+
+    /// The current backends; later additions and removals do not change the returned list.
+    pub fn snapshot(&self) -> Arc<Vec<Arc<Backend>>> {
+        self.backends.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    pub fn leader(&self) -> Option<Arc<str>> {
+        self.leader.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Registers `url` (already normalised); false if it was known.
+    pub fn add(&self, url: &str) -> bool {
+        let mut backends = self.backends.write().unwrap_or_else(PoisonError::into_inner);
+        if backends.iter().any(|b| b.url == url) {
+            return false;
+        }
+        let mut next = Vec::clone(&backends);
+        next.push(Arc::new(Backend::new(url.to_string())));
+        *backends = Arc::new(next);
+        true
+    }
+
+    /// Removes `url`; false if it was unknown.
+    pub fn remove(&self, url: &str) -> bool {
+        let mut backends = self.backends.write().unwrap_or_else(PoisonError::into_inner);
+        let next: Vec<_> = backends.iter().filter(|b| b.url != url).cloned().collect();
+        let removed = next.len() != backends.len();
+        *backends = Arc::new(next);
+        removed
+    }
+
+    pub fn find(&self, url: &str) -> Option<Arc<Backend>> {
+        self.snapshot().iter().find(|b| b.url == url).cloned()
+    }
+
+    fn elect_leader(&self) {
+        let elected =
+            self.snapshot().iter().filter_map(|b| b.leads()).max_by_key(|(term, _)| *term).map(|(_, url)| url);
+        let mut leader = self.leader.write().unwrap_or_else(PoisonError::into_inner);
+        if *leader != elected {
+            info!(leader = elected.as_deref().unwrap_or("none"), "leader changed");
+            *leader = elected;
+        }
+    }
+}
+
+/// Beats every backend each `period`, concurrently, until the task is aborted.
+///
+/// A beat times out after 9/10 of the period so that a round never overlaps the next; a
+/// backend silent for 2.5 periods leaves rotation, so with the default 100 ms a dead backend
+/// is out within 300 ms even when its port still accepts connections.
+pub async fn heartbeats(registry: Arc<Registry>, client: reqwest::Client, period: Duration) {
+    let timeout = period * 9 / 10;
+    let silence = period * 5 / 2;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let backends = registry.snapshot();
+        futures::future::join_all(backends.iter().map(|backend| async {
+            let outcome = async {
+                let response = client.get(format!("{}/status", backend.url)).timeout(timeout).send().await?;
+                response.error_for_status()?.json::<ServerStatus>().await
+            };
+            backend.record(outcome.await, silence);
+        }))
+        .await;
+        registry.elect_leader();
+    }
+}

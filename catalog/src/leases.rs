@@ -1,0 +1,130 @@
+//! Frontend cache leases and invalidation push (ARCHITECTURE.md §4 "Cache coherence").
+//!
+//! A frontend may serve cached books only while it holds a lease from the current catalog
+//! leader. The leader grants a lease only after confirming its leadership with a quorum
+//! *after* the request arrived, and for less than the election timeout: so no other leader
+//! can commit a write while a lease it did not grant is still running.
+//!
+//! Before a write is acknowledged, the leader pushes `invalidate(ids, version)` to every
+//! frontend with a live lease and waits for the acks. A frontend that does not ack is
+//! waited out: the write is acknowledged only after that frontend's lease has expired, by
+//! which time it has stopped serving from its cache.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use futures::future::join_all;
+
+use quire_common::api::Invalidation;
+use quire_common::headers;
+
+/// Leases granted by this replica while it led, by frontend base URL.
+#[derive(Clone)]
+pub struct Leases {
+    ttl: Duration,
+    granted: Arc<DashMap<String, Lease>>,
+    client: reqwest::Client,
+    token: Arc<str>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    expiry: Instant,
+    /// An invalidation to this frontend failed under the current lease. Set and read under
+    /// the map's entry lock together with `expiry`, so a renewal either happened before the
+    /// failure (and is waited out) or carries the order to flush.
+    missed: bool,
+}
+
+impl Leases {
+    pub fn new(ttl: Duration, client: reqwest::Client, token: Arc<str>) -> Self {
+        Leases { ttl, granted: Arc::new(DashMap::new()), client, token }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Records a lease for `frontend` running `ttl` from `asked_at` (the moment the request
+    /// arrived, which is no earlier than when the frontend sent it). Returns whether the
+    /// frontend must flush its cache first.
+    pub fn grant(&self, frontend: &str, asked_at: Instant) -> bool {
+        let mut lease = self.granted.entry(frontend.to_string()).or_insert(Lease { expiry: asked_at, missed: false });
+        let flush = lease.missed;
+        *lease = Lease { expiry: asked_at + self.ttl, missed: false };
+        flush
+    }
+
+    pub fn live(&self) -> usize {
+        let now = Instant::now();
+        self.granted.iter().filter(|e| e.value().expiry > now).count()
+    }
+
+    /// Tells every leased frontend that `ids` changed at `version`; returns once each has
+    /// acked or its lease has run out.
+    pub async fn invalidate(&self, ids: Vec<u64>, version: u64) {
+        let now = Instant::now();
+        // Leases that ended long ago are forgotten; their frontends re-register on renewal.
+        self.granted.retain(|_, lease| lease.expiry + Duration::from_secs(60) > now);
+        let live: Vec<(String, Instant)> = self
+            .granted
+            .iter()
+            .filter(|e| e.value().expiry > now)
+            .map(|e| (e.key().clone(), e.value().expiry))
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        let body = Invalidation { ids, version };
+        let pushes = live.into_iter().map(|(url, expiry)| {
+            let request = self
+                .client
+                .post(format!("{url}/internal/invalidate"))
+                .header(headers::TOKEN, &*self.token)
+                .timeout(expiry.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))
+                .json(&body);
+            async move {
+                match request.send().await {
+                    Ok(r) if r.status().is_success() => {}
+                    outcome => {
+                        tracing::warn!(frontend = %url, ?outcome, "invalidation not acked; waiting out its lease");
+                        self.wait_out(&url).await;
+                    }
+                }
+            }
+        });
+        join_all(pushes).await;
+    }
+
+    /// Marks `frontend` as having missed an invalidation and sleeps until its current
+    /// lease (possibly renewed since the push began) has expired.
+    async fn wait_out(&self, frontend: &str) {
+        let expiry = match self.granted.get_mut(frontend) {
+            Some(mut lease) => {
+                lease.missed = true;
+                lease.expiry
+            }
+            None => return,
+        };
+        tokio::time::sleep_until(expiry.into()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unreachable_frontend_is_waited_out_and_told_to_flush() {
+        let leases = Leases::new(Duration::from_millis(200), quire_common::client::http_client(), "t".into());
+        // Nothing listens on this port: the push fails at once.
+        let dead = "http://127.0.0.1:9";
+        assert!(!leases.grant(dead, Instant::now()));
+        let started = Instant::now();
+        leases.invalidate(vec![1], 10).await;
+        assert!(started.elapsed() >= Duration::from_millis(150), "write acknowledged before the lease ran out");
+        assert!(leases.grant(dead, Instant::now()), "the next grant must order a flush");
+        assert!(!leases.grant(dead, Instant::now()), "only once");
+    }
+}

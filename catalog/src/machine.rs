@@ -1,0 +1,254 @@
+//! The catalog's replicated state: books, the ledger of decrements by idempotency key, and
+//! the log of restocks. Every change is a [`Command`] applied through Raft.
+//!
+//! A book's `version` is the log index of the last write that changed it; frontends use it
+//! to order cached values against invalidations. Full-text search (FTS5) is an external-
+//! content index kept by triggers, so it is rebuilt for free when a snapshot is installed
+//! and never touched by stock changes.
+
+use rusqlite::{params, OptionalExtension, Transaction};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use quire_common::api::{DecrementOutcome, DecrementResult};
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS books (
+    id INTEGER PRIMARY KEY,
+    title TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    price_cents INTEGER NOT NULL,
+    stock INTEGER NOT NULL CHECK (stock >= 0),
+    version INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS books_by_topic ON books (topic, id);
+CREATE INDEX IF NOT EXISTS books_sold_out ON books (id) WHERE stock = 0;
+CREATE VIRTUAL TABLE IF NOT EXISTS books_fts USING fts5 (title, topic, content = 'books', content_rowid = 'id');
+CREATE TRIGGER IF NOT EXISTS books_fts_insert AFTER INSERT ON books BEGIN
+    INSERT INTO books_fts (rowid, title, topic) VALUES (new.id, new.title, new.topic);
+END;
+CREATE TRIGGER IF NOT EXISTS books_fts_delete AFTER DELETE ON books BEGIN
+    INSERT INTO books_fts (books_fts, rowid, title, topic) VALUES ('delete', old.id, old.title, old.topic);
+END;
+CREATE TRIGGER IF NOT EXISTS books_fts_update AFTER UPDATE OF title, topic ON books BEGIN
+    INSERT INTO books_fts (books_fts, rowid, title, topic) VALUES ('delete', old.id, old.title, old.topic);
+    INSERT INTO books_fts (rowid, title, topic) VALUES (new.id, new.title, new.topic);
+END;
+-- One row per idempotency key ever decremented: the answer every repeat gets.
+CREATE TABLE IF NOT EXISTS sales (
+    key TEXT PRIMARY KEY,
+    item_id INTEGER NOT NULL,
+    quantity INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    price_cents INTEGER NOT NULL,
+    stock_left INTEGER NOT NULL,
+    log_index INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS restocks (
+    log_index INTEGER PRIMARY KEY,
+    item_id INTEGER NOT NULL,
+    quantity INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS catalog_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+";
+
+pub const TABLES: &[&str] = &["books", "sales", "restocks", "catalog_meta"];
+
+/// A book as loaded from the seed or a CSV file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NewBook {
+    pub id: u64,
+    pub title: String,
+    pub topic: String,
+    pub price_cents: i64,
+    pub stock: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// Loads a batch of the initial catalog (ignored for ids already present); the batch
+    /// with `last` marks the catalog as seeded.
+    Load {
+        books: Vec<NewBook>,
+        last: bool,
+    },
+    /// Sells `quantity` of `item_id` once per `key`.
+    Decrement {
+        item_id: u64,
+        key: String,
+        quantity: u32,
+    },
+    Restock {
+        item_id: u64,
+        quantity: u32,
+    },
+}
+
+pub struct Catalog;
+
+impl quire_raft::Machine for Catalog {
+    fn schema(&self) -> &'static str {
+        SCHEMA
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        TABLES
+    }
+
+    fn apply(&self, tx: &Transaction<'_>, index: u64, command: &Value) -> rusqlite::Result<Value> {
+        let command: Command = match serde_json::from_value(command.clone()) {
+            Ok(c) => c,
+            Err(e) => return Ok(json!({ "error": format!("undecodable command: {e}") })),
+        };
+        match command {
+            Command::Load { books, last } => load(tx, index, &books, last),
+            Command::Decrement { item_id, key, quantity } => {
+                let result = decrement(tx, index, item_id, &key, quantity)?;
+                Ok(serde_json::to_value(result).unwrap_or(Value::Null))
+            }
+            Command::Restock { item_id, quantity } => restock(tx, index, item_id, quantity),
+        }
+    }
+}
+
+fn load(tx: &Transaction<'_>, index: u64, books: &[NewBook], last: bool) -> rusqlite::Result<Value> {
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO books (id, title, topic, price_cents, stock, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut added = 0;
+    for b in books {
+        added += insert.execute(params![b.id as i64, b.title, b.topic, b.price_cents, b.stock.max(0), index as i64])?;
+    }
+    if last {
+        tx.execute("INSERT OR REPLACE INTO catalog_meta (name, value) VALUES ('seeded', ?1)", [index.to_string()])?;
+    }
+    Ok(json!({ "added": added }))
+}
+
+fn decrement(
+    tx: &Transaction<'_>,
+    index: u64,
+    item_id: u64,
+    key: &str,
+    quantity: u32,
+) -> rusqlite::Result<DecrementResult> {
+    let previous = tx
+        .query_row("SELECT outcome, price_cents, stock_left FROM sales WHERE key = ?1", [key], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        })
+        .optional()?;
+    if let Some((outcome, price_cents, stock_left)) = previous {
+        let outcome = serde_json::from_value(Value::String(outcome)).unwrap_or(DecrementOutcome::NotFound);
+        return Ok(DecrementResult { outcome, price_cents, stock_left });
+    }
+    let book = tx
+        .query_row("SELECT price_cents, stock FROM books WHERE id = ?1", [item_id as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })
+        .optional()?;
+    let result = match book {
+        None => DecrementResult { outcome: DecrementOutcome::NotFound, price_cents: 0, stock_left: 0 },
+        Some((price_cents, stock)) if stock < i64::from(quantity) => {
+            DecrementResult { outcome: DecrementOutcome::OutOfStock, price_cents, stock_left: stock }
+        }
+        Some((price_cents, stock)) => {
+            let left = stock - i64::from(quantity);
+            tx.execute(
+                "UPDATE books SET stock = ?1, version = ?2 WHERE id = ?3",
+                params![left, index as i64, item_id as i64],
+            )?;
+            DecrementResult { outcome: DecrementOutcome::Sold, price_cents, stock_left: left }
+        }
+    };
+    let outcome =
+        serde_json::to_value(result.outcome).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+    tx.execute(
+        "INSERT INTO sales (key, item_id, quantity, outcome, price_cents, stock_left, log_index)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![key, item_id as i64, quantity, outcome, result.price_cents, result.stock_left, index as i64],
+    )?;
+    Ok(result)
+}
+
+fn restock(tx: &Transaction<'_>, index: u64, item_id: u64, quantity: u32) -> rusqlite::Result<Value> {
+    let changed = tx.execute(
+        "UPDATE books SET stock = stock + ?1, version = ?2 WHERE id = ?3",
+        params![quantity, index as i64, item_id as i64],
+    )?;
+    if changed == 0 {
+        return Ok(json!({ "error": "not_found" }));
+    }
+    tx.execute(
+        "INSERT INTO restocks (log_index, item_id, quantity) VALUES (?1, ?2, ?3)",
+        params![index as i64, item_id as i64, quantity],
+    )?;
+    let stock: i64 = tx.query_row("SELECT stock FROM books WHERE id = ?1", [item_id as i64], |r| r.get(0))?;
+    Ok(json!({ "stock": stock }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quire_raft::Machine;
+
+    fn db() -> rusqlite::Connection {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        conn
+    }
+
+    fn run(conn: &mut rusqlite::Connection, index: u64, command: Command) -> Value {
+        let tx = conn.transaction().unwrap();
+        let out = Catalog.apply(&tx, index, &serde_json::to_value(command).unwrap()).unwrap();
+        tx.commit().unwrap();
+        out
+    }
+
+    fn seed(conn: &mut rusqlite::Connection) {
+        let book = NewBook {
+            id: 1,
+            title: "RPCs for Dummies".into(),
+            topic: "distributed systems".into(),
+            price_cents: 1500,
+            stock: 3,
+        };
+        run(conn, 1, Command::Load { books: vec![book], last: true });
+    }
+
+    #[test]
+    fn decrement_is_once_per_key_and_never_oversells() {
+        let mut conn = db();
+        seed(&mut conn);
+        let sell = |key: &str, q| Command::Decrement { item_id: 1, key: key.into(), quantity: q };
+        assert_eq!(run(&mut conn, 2, sell("a", 2))["outcome"], "sold");
+        // A repeat of the key gets the recorded answer and changes nothing.
+        assert_eq!(run(&mut conn, 3, sell("a", 2)), json!({"outcome": "sold", "price_cents": 1500, "stock_left": 1}));
+        assert_eq!(run(&mut conn, 4, sell("b", 2))["outcome"], "out_of_stock");
+        assert_eq!(run(&mut conn, 5, sell("c", 1))["stock_left"], 0);
+        assert_eq!(
+            run(&mut conn, 6, Command::Decrement { item_id: 9, key: "d".into(), quantity: 1 })["outcome"],
+            "not_found"
+        );
+        let (stock, version): (i64, i64) = conn
+            .query_row("SELECT stock, version FROM books WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap();
+        assert_eq!((stock, version), (0, 5));
+        // The refusal is remembered too, even after a restock.
+        run(&mut conn, 7, Command::Restock { item_id: 1, quantity: 10 });
+        assert_eq!(run(&mut conn, 8, sell("b", 2))["outcome"], "out_of_stock");
+    }
+
+    #[test]
+    fn search_index_follows_loads_but_not_stock() {
+        let mut conn = db();
+        seed(&mut conn);
+        let hits: i64 =
+            conn.query_row("SELECT count(*) FROM books_fts WHERE books_fts MATCH 'rpcs'", [], |r| r.get(0)).unwrap();
+        assert_eq!(hits, 1);
+        run(&mut conn, 2, Command::Decrement { item_id: 1, key: "k".into(), quantity: 1 });
+        let hits: i64 =
+            conn.query_row("SELECT count(*) FROM books_fts WHERE books_fts MATCH 'dummies'", [], |r| r.get(0)).unwrap();
+        assert_eq!(hits, 1);
+    }
+}

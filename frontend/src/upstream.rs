@@ -1,0 +1,87 @@
+//! Calls from a frontend to the catalog and order tiers through their balancers, with the
+//! request's deadline, retried until it runs out whenever retrying is safe.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use quire_common::client::{call, CallError};
+use quire_common::{headers, ApiError, Deadline};
+
+/// The balancers of one tier, tried in turn.
+#[derive(Clone)]
+pub struct Tier {
+    balancers: Arc<Vec<String>>,
+    next: Arc<AtomicUsize>,
+    client: reqwest::Client,
+    token: Arc<str>,
+}
+
+/// Codes after which the same request may succeed if sent again.
+fn transient(code: &str) -> bool {
+    matches!(code, "unavailable" | "not_leader" | "dropped" | "deadline_exceeded")
+}
+
+impl Tier {
+    pub fn new(balancers: Vec<String>, client: reqwest::Client, token: Arc<str>) -> Self {
+        Tier { balancers: Arc::new(balancers), next: Arc::new(AtomicUsize::new(0)), client, token }
+    }
+
+    fn pick(&self) -> &str {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.balancers[n % self.balancers.len()]
+    }
+
+    /// GETs `path` (reads are idempotent: retried on any transient failure).
+    pub async fn get<T: DeserializeOwned>(&self, path: &str, deadline: Deadline) -> Result<T, ApiError> {
+        self.send(deadline, |client, base| client.get(format!("{base}{path}"))).await
+    }
+
+    /// POSTs `body` to `path` carrying `key`: the target applies a key at most once, so
+    /// the request is retried until the deadline whenever its outcome is unknown.
+    pub async fn post_keyed<T: DeserializeOwned, B: serde::Serialize>(
+        &self,
+        path: &str,
+        key: &str,
+        body: &B,
+        deadline: Deadline,
+    ) -> Result<T, ApiError> {
+        self.send(deadline, |client, base| {
+            client.post(format!("{base}{path}")).header(headers::IDEMPOTENCY_KEY, key).json(body)
+        })
+        .await
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        deadline: Deadline,
+        build: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    ) -> Result<T, ApiError> {
+        let mut last: Option<CallError> = None;
+        loop {
+            let remaining = deadline.remaining();
+            if remaining.is_zero() {
+                tracing::debug!(error = ?last, "upstream gave up at the deadline");
+                return Err(match last {
+                    Some(CallError::Api(e)) if e.code != "deadline_exceeded" => e,
+                    _ => ApiError::deadline_exceeded("the store could not answer in time"),
+                });
+            }
+            let request = build(&self.client, self.pick())
+                .header(headers::TOKEN, &*self.token)
+                .header(headers::DEADLINE, deadline.header_value())
+                .timeout(remaining);
+            match call::<T>(request).await {
+                Ok(value) => return Ok(value),
+                Err(CallError::Api(e)) if !transient(e.code) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "upstream attempt failed; retrying");
+                    last = Some(e);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25).min(deadline.remaining())).await;
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! Operator commands against a replica group.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::Context;
+use quire_common::client::{call, CallError};
+use quire_common::headers;
+use quire_raft::http::{LearnerRequest, MembershipAnswer, VotersRequest};
+use quire_raft::NodeId;
+
+/// Replaces voter `remove` of the group that `member` (any member's URL) belongs to with
+/// a new node `add_id` at `add_url`, which must be running with an empty or stale data dir:
+/// it joins as a learner, catches up (by snapshot if need be), then the voter set changes.
+pub async fn replace_voter(
+    member: &str,
+    token: &str,
+    remove: NodeId,
+    add_id: NodeId,
+    add_url: &str,
+) -> anyhow::Result<()> {
+    let client = quire_common::client::http_client();
+    let leader = find_leader(&client, member).await?;
+    tracing::info!(%leader, "adding node {add_id} as a learner");
+    let _: MembershipAnswer =
+        post(&client, &leader, "/admin/learners", token, &LearnerRequest { id: add_id, url: add_url.into() }).await?;
+    let status: quire_common::status::ServerStatus =
+        client.get(format!("{leader}/status")).send().await?.json().await.context("leader status")?;
+    let mut voters: BTreeSet<NodeId> = status.details["voters"]
+        .as_array()
+        .context("leader status lists no voters")?
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    voters.remove(&remove);
+    voters.insert(add_id);
+    tracing::info!(?voters, "changing the voter set");
+    let _: MembershipAnswer =
+        post(&client, &leader, "/admin/voters", token, &VotersRequest { voters, keep_learners: false }).await?;
+    Ok(())
+}
+
+async fn find_leader(client: &reqwest::Client, member: &str) -> anyhow::Result<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(r) = client.get(format!("{member}/status")).timeout(Duration::from_secs(1)).send().await {
+            if let Ok(status) = r.json::<quire_common::status::ServerStatus>().await {
+                if let Some(url) = status.leader_url {
+                    return Ok(url);
+                }
+            }
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "{member} knows no leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    base: &str,
+    path: &str,
+    token: &str,
+    body: &B,
+) -> anyhow::Result<T> {
+    let request =
+        client.post(format!("{base}{path}")).header(headers::TOKEN, token).timeout(Duration::from_secs(60)).json(body);
+    call(request).await.map_err(|e: CallError| anyhow::anyhow!("{path}: {e}"))
+}
