@@ -31,8 +31,12 @@ pub struct StoreOptions {
     pub token: Option<String>,
     pub restock_amount: u32,
     pub restock_delay: Duration,
-    /// Extra arguments for every catalog and order replica (Raft tuning in tests).
-    pub replica_args: Vec<String>,
+    /// Catalog and order balancers each (the edge is one: the public port).
+    pub balancers: usize,
+    /// Extra arguments for every catalog replica, order replica and frontend (tests tune
+    /// snapshots, recovery and deadlines with them).
+    pub catalog_args: Vec<String>,
+    pub order_args: Vec<String>,
     /// Extra arguments for every frontend.
     pub frontend_args: Vec<String>,
     /// Send children's stderr to ours (their log files get everything regardless).
@@ -51,7 +55,9 @@ impl StoreOptions {
             token: None,
             restock_amount: 100,
             restock_delay: Duration::from_secs(5),
-            replica_args: Vec::new(),
+            balancers: 2,
+            catalog_args: Vec::new(),
+            order_args: Vec::new(),
             frontend_args: Vec::new(),
             verbose: false,
         }
@@ -136,8 +142,20 @@ pub fn plan(opts: &StoreOptions) -> anyhow::Result<Layout> {
     let token = opts.token.clone().or_else(|| old.as_ref().map(|l| l.token.clone())).unwrap_or_else(random_token);
 
     let edge = url(port_of("edge", opts.edge_port)?);
-    let catalog_balancer = url(port_of("catalog-balancer", 0)?);
-    let order_balancer = url(port_of("order-balancer", 0)?);
+    let balancers = |tier: &str| -> anyhow::Result<Vec<(String, String)>> {
+        (1..=opts.balancers.max(1))
+            .map(|i| {
+                let name = format!("{tier}-balancer-{i}");
+                let port = port_of(&name, 0)?;
+                Ok((name, url(port)))
+            })
+            .collect()
+    };
+    let catalog_balancers = balancers("catalog")?;
+    let order_balancers = balancers("order")?;
+    let flags = |flag: &str, urls: &[(String, String)]| -> Vec<String> {
+        urls.iter().flat_map(|(_, u)| [flag.to_string(), u.clone()]).collect()
+    };
     let frontends: Vec<(String, String)> = (1..=opts.frontends)
         .map(|i| Ok((format!("frontend-{i}"), url(port_of(&format!("frontend-{i}"), 0)?))))
         .collect::<anyhow::Result<_>>()?;
@@ -177,22 +195,12 @@ pub fn plan(opts: &StoreOptions) -> anyhow::Result<Layout> {
         }
         args
     };
-    add(
-        "catalog-balancer",
-        "catalog-balancer",
-        &catalog_balancer,
-        balancer("catalog", catalogs.iter().map(|c| &c.2).collect()),
-        vec![],
-        None,
-    );
-    add(
-        "order-balancer",
-        "order-balancer",
-        &order_balancer,
-        balancer("order", orders.iter().map(|c| &c.2).collect()),
-        vec![],
-        None,
-    );
+    for (name, u) in &catalog_balancers {
+        add(name, "catalog-balancer", u, balancer("catalog", catalogs.iter().map(|c| &c.2).collect()), vec![], None);
+    }
+    for (name, u) in &order_balancers {
+        add(name, "order-balancer", u, balancer("order", orders.iter().map(|c| &c.2).collect()), vec![], None);
+    }
     for (tier, members) in [("catalog", &catalogs), ("order", &orders)] {
         let init: Vec<String> =
             members.iter().flat_map(|(id, _, u)| ["--init".to_string(), format!("{id}={u}")]).collect();
@@ -206,27 +214,26 @@ pub fn plan(opts: &StoreOptions) -> anyhow::Result<Layout> {
                 data.to_string_lossy().to_string(),
             ];
             if tier == "catalog" {
-                args.extend(["--balancer".into(), catalog_balancer.clone()]);
+                args.extend(flags("--balancer", &catalog_balancers));
                 if let Some(csv) = &opts.catalog_csv {
                     args.extend(["--catalog".into(), csv.to_string_lossy().to_string()]);
                 }
                 args.extend(["--restock-amount".into(), opts.restock_amount.to_string()]);
                 args.extend(["--restock-delay".into(), humantime::format_duration(opts.restock_delay).to_string()]);
+                args.extend(opts.catalog_args.iter().cloned());
             } else {
-                args.extend([
-                    "--balancer".into(),
-                    order_balancer.clone(),
-                    "--catalog-balancer".into(),
-                    catalog_balancer.clone(),
-                ]);
+                args.extend(flags("--balancer", &order_balancers));
+                args.extend(flags("--catalog-balancer", &catalog_balancers));
+                args.extend(opts.order_args.iter().cloned());
             }
-            args.extend(opts.replica_args.iter().cloned());
             add(name, tier, u, args, init.clone(), Some(data));
         }
     }
     for (name, u) in &frontends {
-        let mut args = vec!["frontend".to_string(), "--catalog-balancer".into(), catalog_balancer.clone()];
-        args.extend(["--order-balancer".into(), order_balancer.clone(), "--edge".into(), edge.clone()]);
+        let mut args = vec!["frontend".to_string()];
+        args.extend(flags("--catalog-balancer", &catalog_balancers));
+        args.extend(flags("--order-balancer", &order_balancers));
+        args.extend(["--edge".into(), edge.clone()]);
         args.extend(opts.frontend_args.iter().cloned());
         add(name, "frontend", u, args, vec![], None);
     }

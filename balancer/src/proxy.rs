@@ -17,6 +17,7 @@ use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use quire_common::api::MAX_BODY_BYTES;
+use quire_common::client::ATTEMPT_TIMEOUT;
 use quire_common::error::ErrorBody;
 use quire_common::{headers, ApiError, Deadline};
 use tracing::{debug, warn};
@@ -93,6 +94,8 @@ async fn attempt_all(balancer: &Balancer, request: Request) -> Result<Response, 
             Some(d) => d.remaining().min(ATTEMPT_CAP),
             None => ATTEMPT_CAP,
         };
+        // A repeatable request abandons a silent backend early and tries the next one.
+        let timeout = if repeatable { timeout.min(ATTEMPT_TIMEOUT) } else { timeout };
         let url = format!("{target}{path}");
         let request = balancer.client.request(parts.method.clone(), url).headers(outgoing.clone()).body(body.clone());
         let outcome = send(request.timeout(timeout)).await;

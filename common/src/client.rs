@@ -9,6 +9,12 @@ use serde::de::DeserializeOwned;
 use crate::error::{ApiError, ErrorBody};
 use crate::headers;
 
+/// Longest one attempt of a repeatable call (a read, or a write carrying an idempotency key)
+/// may take before it is abandoned and tried again elsewhere. Far above a healthy answer
+/// (milliseconds), far below a request's deadline: a frozen or cut-off peer then costs one
+/// attempt, not the whole deadline.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The client every server uses for its peers: kept-alive connections, short connect timeout.
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()

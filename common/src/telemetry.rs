@@ -25,6 +25,12 @@ pub fn init(name: &str, log_file: Option<&Path>) -> anyhow::Result<Option<Worker
         None => (None, None),
     };
     tracing_subscriber::registry().with(filter).with(stderr).with(file_layer).try_init()?;
+    // Panics (ours or a library's task) go to the log file too, not only to stderr.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!(panic = %info, "panicked");
+        default_hook(info);
+    }));
     tracing::info!(server = name, pid = std::process::id(), "starting");
     Ok(guard)
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use quire_common::client::{call, CallError};
+use quire_common::client::{call, CallError, ATTEMPT_TIMEOUT};
 use quire_common::{headers, ApiError, Deadline};
 
 /// The balancers of one tier, tried in turn.
@@ -72,7 +72,7 @@ impl Tier {
             let request = build(&self.client, self.pick())
                 .header(headers::TOKEN, &*self.token)
                 .header(headers::DEADLINE, deadline.header_value())
-                .timeout(remaining);
+                .timeout(remaining.min(ATTEMPT_TIMEOUT));
             match call::<T>(request).await {
                 Ok(value) => return Ok(value),
                 Err(CallError::Api(e)) if !transient(e.code) => return Err(e),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use quire_common::api::{Decrement, DecrementResult, Order, OrderState, PlaceOrder, Receipt};
-use quire_common::client::{call, CallError};
+use quire_common::client::{call, CallError, ATTEMPT_TIMEOUT};
 use quire_common::{headers, ApiError, Deadline};
 use quire_raft::Replica;
 
@@ -72,7 +72,7 @@ impl Shop {
                 .header(headers::TOKEN, &*self.token)
                 .header(headers::IDEMPOTENCY_KEY, &order.key)
                 .header(headers::DEADLINE, deadline.header_value())
-                .timeout(deadline.remaining().max(Duration::from_millis(1)))
+                .timeout(deadline.remaining().clamp(Duration::from_millis(1), ATTEMPT_TIMEOUT))
                 .json(&body);
             let error = match call::<DecrementResult>(request).await {
                 Ok(result) => return Ok(result),

@@ -23,6 +23,10 @@ use crate::{NodeId, TypeConfig};
 
 type Shared = State<Arc<Replica>>;
 
+/// Largest Raft RPC body: a snapshot chunk (see `snapshot_max_chunk_size`) as JSON, or a
+/// batch of log entries.
+pub const RAFT_BODY_LIMIT: usize = 64 * 1024 * 1024;
+
 pub fn router(replica: Arc<Replica>, token: Token) -> Router {
     let routes = Router::new()
         .route("/raft/append", post(append))
@@ -35,7 +39,9 @@ pub fn router(replica: Arc<Replica>, token: Token) -> Router {
         .route("/admin/members/remove", post(remove_members))
         .route("/admin/metrics", get(metrics))
         .route("/admin/digest", get(digest))
-        .with_state(replica);
+        .with_state(replica)
+        // Log batches and snapshot chunks are far larger than any API body.
+        .layer(axum::extract::DefaultBodyLimit::max(RAFT_BODY_LIMIT));
     guarded(routes, token)
 }
 

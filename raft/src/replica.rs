@@ -35,9 +35,9 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            heartbeat: Duration::from_millis(100),
-            election_min: Duration::from_millis(500),
-            election_max: Duration::from_millis(1000),
+            heartbeat: Duration::from_millis(50),
+            election_min: Duration::from_millis(300),
+            election_max: Duration::from_millis(600),
             snapshot_every: 5_000,
         }
     }
@@ -69,6 +69,8 @@ pub struct Replica {
     pub client: reqwest::Client,
     pub token: Token,
     read_index: ReadIndex,
+    /// Set by the readiness probe: this replica recently had applied the leader's read index.
+    caught_up: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -87,6 +89,8 @@ impl Replica {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.tuning.snapshot_every),
             max_in_snapshot_log_to_keep: (config.tuning.snapshot_every / 5).max(10),
             install_snapshot_timeout: 5_000,
+            // Chunks travel as JSON arrays of numbers (about 4 bytes a byte): keep them small.
+            snapshot_max_chunk_size: 1024 * 1024,
             ..Default::default()
         }
         .validate()?;
@@ -118,8 +122,10 @@ impl Replica {
             client,
             token: config.token,
             read_index,
+            caught_up: std::sync::atomic::AtomicBool::new(false),
         });
         let _ = cell.set(Arc::downgrade(&replica));
+        spawn_readiness_probe(Arc::downgrade(&replica));
         Ok(replica)
     }
 
@@ -171,13 +177,11 @@ impl Replica {
         }
     }
 
-    /// Ready to serve reads: a leader is known and this replica has applied what it has
-    /// received (it is not replaying a long backlog).
+    /// Ready to serve reads: a member of the group that, moments ago, had applied (nearly)
+    /// everything the leader had committed. Measured by the readiness probe, so a replica
+    /// rebuilding from an empty directory stays out of rotation until it has caught up.
     pub fn ready(&self) -> bool {
-        let m = self.raft.metrics();
-        let m = m.borrow();
-        let applied = m.last_applied.map_or(0, |l| l.index);
-        m.current_leader.is_some() && m.last_log_index.unwrap_or(0) <= applied + 64 && m.running_state.is_ok()
+        self.caught_up.load(std::sync::atomic::Ordering::Acquire) && self.raft.metrics().borrow().running_state.is_ok()
     }
 
     /// Proposes `command`; returns once it is committed and applied here (on the leader).
@@ -232,7 +236,9 @@ impl Replica {
             .client
             .get(format!("{leader_url}/raft/read-index"))
             .header(headers::TOKEN, &*self.token.0)
-            .timeout(Duration::from_secs(2));
+            // Short: while the leader is frozen or cut off, readers should learn it soon
+            // enough to retry elsewhere (or after the election) within their deadline.
+            .timeout(Duration::from_millis(500));
         match call::<ReadIndexAnswer>(request).await {
             Ok(answer) => Ok(answer.index),
             Err(e @ (CallError::Unreachable(_) | CallError::Unknown(_) | CallError::Api(_))) => {
@@ -273,6 +279,27 @@ impl Replica {
             tracing::warn!(error = %e, "raft shutdown");
         }
     }
+}
+
+/// Every 200 ms, fetch the read index and compare it with what this replica applied.
+fn spawn_readiness_probe(replica: std::sync::Weak<Replica>) {
+    /// Entries a replica may trail the leader by and still be called caught up.
+    const SLACK: u64 = 32;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            let Some(replica) = replica.upgrade() else { return };
+            let member = {
+                let m = replica.raft.metrics();
+                let m = m.borrow();
+                m.membership_config.membership().get_node(&replica.id).is_some()
+            };
+            let index = tokio::time::timeout(Duration::from_secs(1), replica.read_index.get()).await;
+            let caught_up = member && matches!(index, Ok(Ok(i)) if replica.applied_index() + SLACK >= i);
+            replica.caught_up.store(caught_up, std::sync::atomic::Ordering::Release);
+        }
+    });
 }
 
 fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ApiError {
