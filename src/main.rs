@@ -57,6 +57,9 @@ struct UpArgs {
     port: u16,
     #[arg(long, default_value_t = 2)]
     frontends: usize,
+    /// Balancers per service tier (catalog, order); two means none is a single point of failure.
+    #[arg(long, default_value_t = 2)]
+    balancers: usize,
     /// Do not run the autoscaler (quire has none yet: the flag is accepted for later).
     #[arg(long)]
     no_autoscale: bool,
@@ -345,6 +348,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     opts.catalog_csv = args.catalog.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
     opts.edge_port = args.port;
     opts.frontends = args.frontends;
+    opts.balancers = args.balancers;
     opts.restock_amount = args.restock_amount;
     opts.restock_delay = args.restock_delay;
     opts.verbose = args.verbose;

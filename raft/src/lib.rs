@@ -12,6 +12,9 @@
 //! - [`replica`]: [`Replica`], what services call (write, read barrier, status, membership).
 //! - [`http`]: the `/raft/*` and `/admin/*` routes.
 
+// openraft's storage traits return its (large) `StorageError`; our helpers return it too.
+#![allow(clippy::result_large_err)]
+
 pub mod http;
 pub mod log_store;
 pub mod network;

@@ -2,6 +2,8 @@
 //! a tiny key-value machine. Election, replication, failover, snapshot install to a new
 //! member, membership change, and restart from disk.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failure is a test failure
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
