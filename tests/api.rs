@@ -115,7 +115,9 @@ async fn public_api_and_bad_input() {
     }
     let huge = format!(r#"{{"quantity": 1, "pad": "{}"}}"#, "x".repeat(20_000));
     let long_key = "k".repeat(200);
-    let buys: Vec<(&str, Option<&str>, Option<&str>, u16, &str)> = vec![
+    // (item id, Idempotency-Key, body, expected status, expected code)
+    type BadBuy<'a> = (&'a str, Option<&'a str>, Option<&'a str>, u16, &'a str);
+    let buys: Vec<BadBuy> = vec![
         ("abc", None, None, 400, "invalid_id"),
         ("0", None, None, 400, "invalid_id"),
         ("-3", None, None, 400, "invalid_id"),
