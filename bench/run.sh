@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Benchmarks a local quire store with wrk and compares it with two baselines: a bare axum
+# handler returning the same JSON as a cached lookup, and a 3-member etcd cluster (fsync on)
+# taking puts at the same concurrency. Prints one table; see bench/README.md.
+#
+#   bench/run.sh                 # 10 s per run, 64 connections
+#   DURATION=30s CONNS=64 bench/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-64}
+THREADS=${THREADS:-2}
+for tool in wrk etcd jq curl; do
+  command -v "$tool" >/dev/null || { echo "bench needs $tool (apt-get install wrk etcd-server jq curl)" >&2; exit 1; }
+done
+
+cargo build --release --bin quire --example bare_axum 2>&1 | tail -1
+QUIRE=$PWD/target/release/quire
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# 1000 books with stock enough for every buy of the run.
+{ echo "id,title,topic,price,stock"; for i in $(seq 1 1000); do echo "$i,Benchmark book $i,bench,10.00,100000000"; done; } > "$TMP/books.csv"
+
+"$QUIRE" up --data-dir "$TMP/store" --port 0 --catalog "$TMP/books.csv" --restock-amount 0 >/dev/null 2>&1 &
+PIDS+=($!)
+status() { "$QUIRE" status --json --data-dir "$TMP/store" 2>/dev/null; }
+for _ in $(seq 1 120); do
+  if status | jq -e 'length == 13 and all(.ready)' >/dev/null 2>&1; then break; fi
+  sleep 0.5
+done
+status | jq -e 'all(.ready)' >/dev/null || { echo "the store did not come up" >&2; exit 1; }
+url_of() { status | jq -r --arg n "$1" '.[] | select(.name == $n) | .url'; }
+EDGE=$(url_of edge); FRONTEND=$(url_of frontend-1); CATALOG_BALANCER=$(url_of catalog-balancer-1)
+
+"$PWD/target/release/examples/bare_axum" "127.0.0.1:$(free_port)" > "$TMP/baseline.addr" &
+PIDS+=($!)
+for _ in $(seq 1 50); do [ -s "$TMP/baseline.addr" ] && break; sleep 0.1; done
+BASELINE="http://$(cat "$TMP/baseline.addr")"
+
+# A 3-member etcd cluster on loopback, fsync on (etcd's default).
+ETCD_CLUSTER=""
+declare -a ETCD_CLIENT
+for i in 1 2 3; do
+  peer=$(free_port); ETCD_CLIENT[$i]=$(free_port)
+  eval "ETCD_PEER_$i=$peer"
+  ETCD_CLUSTER+="e$i=http://127.0.0.1:$peer,"
+done
+for i in 1 2 3; do
+  peer_var="ETCD_PEER_$i"
+  etcd --name "e$i" --data-dir "$TMP/etcd$i" --log-level error \
+    --listen-client-urls "http://127.0.0.1:${ETCD_CLIENT[$i]}" --advertise-client-urls "http://127.0.0.1:${ETCD_CLIENT[$i]}" \
+    --listen-peer-urls "http://127.0.0.1:${!peer_var}" --initial-advertise-peer-urls "http://127.0.0.1:${!peer_var}" \
+    --initial-cluster "${ETCD_CLUSTER%,}" --initial-cluster-state new >"$TMP/etcd$i.log" 2>&1 &
+  PIDS+=($!)
+done
+ETCD="http://127.0.0.1:${ETCD_CLIENT[1]}"
+for _ in $(seq 1 100); do curl -sf "$ETCD/health" | grep -q true && break; sleep 0.2; done
+
+# Warm the caches.
+for i in $(seq 1 5); do curl -sf "$FRONTEND/lookup/1" >/dev/null; curl -sf "$EDGE/lookup/1" >/dev/null; done
+
+RESULTS=()
+run() { # name, url, [script]
+  local name=$1 url=$2 script=${3:-}
+  local args=(-t "$THREADS" -c "$CONNS" -d "$DURATION" --latency)
+  [ -n "$script" ] && args+=(-s "$script")
+  local out; out=$(wrk "${args[@]}" "$url")
+  local rps p99 errors
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+  RESULTS+=("$(printf '%-34s %12s %10s  %s' "$name" "$rps" "$p99" "$errors")")
+  echo "done: $name ($rps rps)" >&2
+}
+
+run "bare axum, same JSON (baseline)" "$BASELINE/lookup/1"
+run "cached lookup, one frontend" "$FRONTEND/lookup/1"
+run "lookup through the edge" "$EDGE/lookup/1"
+PREFIX=/books run "uncached linearizable lookup" "$CATALOG_BALANCER" bench/lookup_many.lua
+run "buy through the edge" "$EDGE" bench/buy.lua
+run "etcd 3 members, put (fsync)" "$ETCD" bench/etcd_put.lua
+
+echo
+echo "quire benchmark: wrk -t$THREADS -c$CONNS -d$DURATION on $(nproc) cores"
+printf '%-34s %12s %10s  %s\n' "what" "requests/s" "p99" "notes"
+printf '%s\n' "${RESULTS[@]}"
+echo
+echo "resident memory after the runs:"
+status | jq -r '.[] | "\(.name) \(.pid)"' | while read -r name pid; do
+  printf '  %-20s %6s MB\n' "$name" "$(awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$pid/status" 2>/dev/null)"
+done
