@@ -11,8 +11,10 @@ const BOOK: &str = r#"{"id":1,"title":"How to get a good grade in 677 in 20 minu
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     let listen = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:0".into());
-    let app = axum::Router::new()
-        .route("/lookup/:id", get(|Path(_id): Path<String>| async { ([(header::CONTENT_TYPE, "application/json")], BOOK) }));
+    let app = axum::Router::new().route(
+        "/lookup/:id",
+        get(|Path(_id): Path<String>| async { ([(header::CONTENT_TYPE, "application/json")], BOOK) }),
+    );
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     println!("{}", listener.local_addr()?);
     axum::serve(listener, app).await

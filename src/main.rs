@@ -236,9 +236,17 @@ where
     result
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // SQLite work runs on the blocking pool; a few threads keep every core busy.
+        .max_blocking_threads(16)
+        .build()?
+        .block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Up(args) => up(args).await,
         Cmd::Status { data_dir, json } => {

@@ -305,6 +305,9 @@ impl Store {
         if !server.started {
             command.args(&server.first_start_args);
         }
+        // glibc gives each thread that allocates its own arena, which keeps freed pages; two
+        // arenas (one per core here) hold memory flat without making threads contend.
+        command.env("MALLOC_ARENA_MAX", "2");
         command.env("QUIRE_TOKEN", &token).stdin(Stdio::null()).stdout(Stdio::null()).stderr(if self.verbose {
             Stdio::inherit()
         } else {

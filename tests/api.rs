@@ -153,7 +153,7 @@ async fn public_api_and_bad_input() {
     let r = t
         .client
         .post(format!("{}/internal/invalidate", t.edge))
-        .json(&json!({"ids": [1], "version": 1}))
+        .json(&json!({"items": [[1, 1]]}))
         .send()
         .await
         .expect("request");

@@ -199,7 +199,7 @@ async fn decrement(
         .map_err(|e| ApiError::internal(format!("unexpected decrement answer: {e}")))?;
     // Repeats of a key invalidate again: harmless, and it covers a leader that applied the
     // first attempt but died before pushing.
-    c.leases.invalidate(vec![item_id], applied.index).await;
+    c.leases.invalidate(item_id, applied.index).await;
     Ok(axum::Json(result))
 }
 
@@ -228,7 +228,7 @@ pub async fn restock_item(
     if applied.response.get("error").is_some() {
         return Err(ApiError::not_found(format!("no book with id {item_id}")));
     }
-    c.leases.invalidate(vec![item_id], applied.index).await;
+    c.leases.invalidate(item_id, applied.index).await;
     Ok(applied.response)
 }
 

@@ -17,13 +17,20 @@ use dashmap::DashMap;
 use futures::future::join_all;
 
 use quire_common::api::Invalidation;
+use quire_common::batch::Batcher;
 use quire_common::headers;
 
-/// Leases granted by this replica while it led, by frontend base URL.
+/// Leases granted by this replica while it led, by frontend base URL, and the batched
+/// invalidation pushes to their holders.
 #[derive(Clone)]
 pub struct Leases {
+    inner: Arc<Inner>,
+    pushes: Batcher<Vec<(u64, u64)>, ()>,
+}
+
+struct Inner {
     ttl: Duration,
-    granted: Arc<DashMap<String, Lease>>,
+    granted: DashMap<String, Lease>,
     client: reqwest::Client,
     token: Arc<str>,
 }
@@ -39,31 +46,54 @@ struct Lease {
 
 impl Leases {
     pub fn new(ttl: Duration, client: reqwest::Client, token: Arc<str>) -> Self {
-        Leases { ttl, granted: Arc::new(DashMap::new()), client, token }
+        let inner = Arc::new(Inner { ttl, granted: DashMap::new(), client, token });
+        let pusher = inner.clone();
+        let pushes = Batcher::spawn(move |batches: Vec<Vec<(u64, u64)>>| {
+            let pusher = pusher.clone();
+            async move { pusher.push(merge(batches)).await }
+        });
+        Leases { inner, pushes }
     }
 
     pub fn ttl(&self) -> Duration {
-        self.ttl
+        self.inner.ttl
     }
 
     /// Records a lease for `frontend` running `ttl` from `asked_at` (the moment the request
     /// arrived, which is no earlier than when the frontend sent it). Returns whether the
     /// frontend must flush its cache first.
     pub fn grant(&self, frontend: &str, asked_at: Instant) -> bool {
-        let mut lease = self.granted.entry(frontend.to_string()).or_insert(Lease { expiry: asked_at, missed: false });
+        let mut lease =
+            self.inner.granted.entry(frontend.to_string()).or_insert(Lease { expiry: asked_at, missed: false });
         let flush = lease.missed;
-        *lease = Lease { expiry: asked_at + self.ttl, missed: false };
+        *lease = Lease { expiry: asked_at + self.inner.ttl, missed: false };
         flush
     }
 
     pub fn live(&self) -> usize {
         let now = Instant::now();
-        self.granted.iter().filter(|e| e.value().expiry > now).count()
+        self.inner.granted.iter().filter(|e| e.value().expiry > now).count()
     }
 
-    /// Tells every leased frontend that `ids` changed at `version`; returns once each has
-    /// acked or its lease has run out.
-    pub async fn invalidate(&self, ids: Vec<u64>, version: u64) {
+    /// Tells every leased frontend that book `id` changed at `version`; returns once each
+    /// has acked or its lease has run out. Concurrent calls share one push per frontend.
+    pub async fn invalidate(&self, id: u64, version: u64) {
+        self.pushes.submit(vec![(id, version)]).await;
+    }
+}
+
+/// One `(id, version)` per book: the newest write of each.
+fn merge(batches: Vec<Vec<(u64, u64)>>) -> Vec<(u64, u64)> {
+    let mut newest = std::collections::BTreeMap::new();
+    for (id, version) in batches.into_iter().flatten() {
+        let v = newest.entry(id).or_insert(version);
+        *v = (*v).max(version);
+    }
+    newest.into_iter().collect()
+}
+
+impl Inner {
+    async fn push(&self, items: Vec<(u64, u64)>) {
         let now = Instant::now();
         // Leases that ended long ago are forgotten; their frontends re-register on renewal.
         self.granted.retain(|_, lease| lease.expiry + Duration::from_secs(60) > now);
@@ -76,7 +106,7 @@ impl Leases {
         if live.is_empty() {
             return;
         }
-        let body = Invalidation { ids, version };
+        let body = Invalidation { items };
         let pushes = live.into_iter().map(|(url, expiry)| {
             let request = self
                 .client
@@ -122,9 +152,14 @@ mod tests {
         let dead = "http://127.0.0.1:9";
         assert!(!leases.grant(dead, Instant::now()));
         let started = Instant::now();
-        leases.invalidate(vec![1], 10).await;
+        leases.invalidate(1, 10).await;
         assert!(started.elapsed() >= Duration::from_millis(150), "write acknowledged before the lease ran out");
         assert!(leases.grant(dead, Instant::now()), "the next grant must order a flush");
         assert!(!leases.grant(dead, Instant::now()), "only once");
+    }
+
+    #[test]
+    fn merged_pushes_keep_each_books_newest_version() {
+        assert_eq!(merge(vec![vec![(1, 5)], vec![(2, 7)], vec![(1, 9)]]), vec![(1, 9), (2, 7)]);
     }
 }

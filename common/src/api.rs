@@ -146,11 +146,11 @@ pub struct Restock {
     pub quantity: u32,
 }
 
-/// Pushed by the catalog leader to every leased frontend before a write is acknowledged.
+/// Pushed by the catalog leader to every leased frontend before a write is acknowledged:
+/// `(book id, log index of the write)` pairs, one per book (concurrent writes share a push).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Invalidation {
-    pub ids: Vec<u64>,
-    pub version: u64,
+    pub items: Vec<(u64, u64)>,
 }
 
 /// A frontend asks the catalog leader for a cache lease (and registers for invalidations).

@@ -7,6 +7,7 @@
 //! - [`headers`]: names of the headers that travel between tiers (token, deadline, leader hint).
 //! - [`deadline`]: a request's absolute deadline, carried hop to hop.
 //! - [`http`]: the JSON extractor with documented rejections, fallbacks, the token guard.
+//! - [`batch`]: coalescing concurrent requests into shared network rounds.
 //! - [`client`]: the shared `reqwest` client and a typed call helper.
 //! - [`status`]: the `/status` body every server serves.
 //! - [`telemetry`]: tracing to stderr and to a per-server file.
@@ -14,6 +15,7 @@
 
 pub mod announce;
 pub mod api;
+pub mod batch;
 pub mod client;
 pub mod deadline;
 pub mod error;

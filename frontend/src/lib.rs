@@ -230,8 +230,8 @@ async fn order(
 }
 
 async fn invalidate(State(f): State<Frontend>, Json(inv): Json<Invalidation>) -> axum::Json<serde_json::Value> {
-    for id in inv.ids {
-        f.inner.cache.erase(id, inv.version);
+    for (id, version) in inv.items {
+        f.inner.cache.erase(id, version);
     }
     axum::Json(serde_json::json!({"ok": true}))
 }

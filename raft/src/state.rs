@@ -54,6 +54,11 @@ fn read_applied(conn: &Connection) -> rusqlite::Result<(Option<LogId<NodeId>>, M
     Ok((applied, membership))
 }
 
+/// Read connections kept open between queries; more may exist while a burst lasts.
+const MAX_IDLE_READERS: usize = 8;
+/// SQLite page cache of each read connection.
+const READ_CACHE_KIB: usize = 512;
+
 /// Pool of read-only connections to `state.db`, for the service's queries.
 pub struct Reads {
     path: PathBuf,
@@ -77,6 +82,9 @@ impl Reads {
             None => {
                 let conn = open(&self.path, false)?;
                 conn.pragma_update(None, "query_only", "ON")?;
+                // Each connection has its own page cache; the OS page cache is shared. Small
+                // per-connection caches keep a replica's memory flat under many readers.
+                conn.pragma_update(None, "cache_size", -(READ_CACHE_KIB as i64))?;
                 conn
             }
         };
@@ -86,7 +94,7 @@ impl Reads {
         })
         .await?;
         if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < 32 {
+            if idle.len() < MAX_IDLE_READERS {
                 idle.push(conn);
             }
         }
