@@ -1,7 +1,6 @@
 //! `quire`: one binary, every role. This file only parses arguments, sets up tracing,
 //! binds listeners and calls each service's `run`.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -204,17 +203,24 @@ impl Common {
 }
 
 impl RaftArgs {
-    fn tuning(&self) -> quire_raft::Tuning {
-        quire_raft::Tuning {
-            heartbeat: self.heartbeat,
-            election_min: self.election_min,
-            election_max: self.election_max,
-            snapshot_every: self.snapshot_every,
+    fn member(&self, common: &Common, name: String) -> quire_raft::Member {
+        quire_raft::Member {
+            name,
+            replica: quire_raft::ReplicaConfig {
+                id: self.id,
+                advertise: common.advertise(),
+                dir: self.data_dir.clone(),
+                token: Token::new(&common.token),
+                tuning: quire_raft::Tuning {
+                    heartbeat: self.heartbeat,
+                    election_min: self.election_min,
+                    election_max: self.election_max,
+                    snapshot_every: self.snapshot_every,
+                },
+            },
+            init_members: (!self.init.is_empty()).then(|| self.init.iter().cloned().collect()),
+            balancers: self.balancer.clone(),
         }
-    }
-
-    fn init(&self) -> Option<BTreeMap<u64, String>> {
-        (!self.init.is_empty()).then(|| self.init.iter().cloned().collect())
     }
 }
 
@@ -293,14 +299,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let default_name = format!("catalog-{}", args.raft.id);
             serve(&args.common, &default_name, |listener, name| {
                 let config = quire_catalog::Config {
-                    name,
-                    id: args.raft.id,
-                    advertise: args.common.advertise(),
-                    data_dir: args.raft.data_dir.clone(),
-                    token: Token::new(&args.common.token),
-                    tuning: args.raft.tuning(),
-                    init_members: args.raft.init(),
-                    balancers: args.raft.balancer.clone(),
+                    member: args.raft.member(&args.common, name),
                     catalog_csv: args.catalog.clone(),
                     restock: quire_catalog::RestockPolicy { amount: args.restock_amount, delay: args.restock_delay },
                     lease_ttl: args.lease,
@@ -313,14 +312,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let default_name = format!("order-{}", args.raft.id);
             serve(&args.common, &default_name, |listener, name| {
                 let config = quire_order::Config {
-                    name,
-                    id: args.raft.id,
-                    advertise: args.common.advertise(),
-                    data_dir: args.raft.data_dir.clone(),
-                    token: Token::new(&args.common.token),
-                    tuning: args.raft.tuning(),
-                    init_members: args.raft.init(),
-                    balancers: args.raft.balancer.clone(),
+                    member: args.raft.member(&args.common, name),
                     catalog: args.catalog_balancer.clone(),
                     recover_after: args.recover_after,
                 };

@@ -97,9 +97,9 @@ impl quire_raft::Machine for Catalog {
     }
 
     fn apply(&self, tx: &Transaction<'_>, index: u64, command: &Value) -> rusqlite::Result<Value> {
-        let command: Command = match serde_json::from_value(command.clone()) {
+        let command: Command = match quire_raft::decode(command) {
             Ok(c) => c,
-            Err(e) => return Ok(json!({ "error": format!("undecodable command: {e}") })),
+            Err(answer) => return Ok(answer),
         };
         match command {
             Command::Load { books, last } => load(tx, index, &books, last),

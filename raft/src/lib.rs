@@ -11,6 +11,7 @@
 //! - [`read_index`]: batched leadership confirmation for linearizable reads.
 //! - [`replica`]: [`Replica`], what services call (write, read barrier, status, membership).
 //! - [`http`]: the `/raft/*` and `/admin/*` routes.
+//! - [`service`]: what the catalog and order services share: [`Member`], router, serving.
 
 // openraft's storage traits return its (large) `StorageError`; our helpers return it too.
 #![allow(clippy::result_large_err)]
@@ -20,9 +21,11 @@ pub mod log_store;
 pub mod network;
 pub mod read_index;
 pub mod replica;
+pub mod service;
 pub mod state;
 
 pub use replica::{Applied, Replica, ReplicaConfig, Tuning};
+pub use service::Member;
 
 pub type NodeId = u64;
 
@@ -53,4 +56,11 @@ pub trait Machine: Send + Sync + 'static {
         index: u64,
         command: &serde_json::Value,
     ) -> rusqlite::Result<serde_json::Value>;
+}
+
+/// Decodes a service's command inside [`Machine::apply`]. A command that does not decode
+/// yields an error *value* for the proposer, not a storage failure that would stop the
+/// replica.
+pub fn decode<C: serde::de::DeserializeOwned>(command: &serde_json::Value) -> Result<C, serde_json::Value> {
+    C::deserialize(command).map_err(|e| serde_json::json!({ "error": format!("undecodable command: {e}") }))
 }

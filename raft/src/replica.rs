@@ -43,6 +43,7 @@ impl Default for Tuning {
     }
 }
 
+#[derive(Clone)]
 pub struct ReplicaConfig {
     pub id: NodeId,
     /// Base URL peers reach this replica at (its Raft node address).
