@@ -81,6 +81,9 @@ async fn attempt_all(balancer: &Balancer, request: Request) -> Result<Response, 
     let mut plan = candidates(balancer, !is_read && balancer.tier != Tier::Edge);
     let mut tried: Vec<String> = Vec::with_capacity(plan.len());
     let mut hops = 0;
+    // A write sent to a backend that then went silent may have been carried out: if no
+    // later attempt answers, the outcome is unknown, never "unavailable".
+    let mut maybe_delivered = false;
     while let Some(target) = plan.pop_front() {
         if tried.contains(&target) {
             continue;
@@ -123,6 +126,7 @@ async fn attempt_all(balancer: &Balancer, request: Request) -> Result<Response, 
                 }
             }
             Err(e) if repeatable => {
+                maybe_delivered |= !is_read;
                 debug!(backend = target, error = %e, "attempt failed; trying the next backend")
             }
             Err(e) => {
@@ -132,6 +136,11 @@ async fn attempt_all(balancer: &Balancer, request: Request) -> Result<Response, 
                 ));
             }
         }
+    }
+    if maybe_delivered {
+        return Err(ApiError::deadline_exceeded(
+            "no backend confirmed the write; its outcome is unknown (retry with the same Idempotency-Key)",
+        ));
     }
     Err(ApiError::unavailable("no backend of this tier could serve the request"))
 }

@@ -36,11 +36,13 @@ impl Tier {
 
     /// GETs `path` (reads are idempotent: retried on any transient failure).
     pub async fn get<T: DeserializeOwned>(&self, path: &str, deadline: Deadline) -> Result<T, ApiError> {
-        self.send(deadline, |client, base| client.get(format!("{base}{path}"))).await
+        self.send(deadline, |client, base| client.get(format!("{base}{path}"))).await.map_err(|(e, _)| e)
     }
 
     /// POSTs `body` to `path` carrying `key`: the target applies a key at most once, so
-    /// the request is retried until the deadline whenever its outcome is unknown.
+    /// the request is retried until the deadline whenever its outcome is unknown. If it
+    /// may have been delivered and no attempt got an answer, the error is
+    /// `deadline_exceeded` (outcome unknown), never a failure.
     pub async fn post_keyed<T: DeserializeOwned, B: serde::Serialize>(
         &self,
         path: &str,
@@ -48,26 +50,38 @@ impl Tier {
         body: &B,
         deadline: Deadline,
     ) -> Result<T, ApiError> {
-        self.send(deadline, |client, base| {
-            client.post(format!("{base}{path}")).header(headers::IDEMPOTENCY_KEY, key).json(body)
+        let sent = self
+            .send(deadline, |client, base| {
+                client.post(format!("{base}{path}")).header(headers::IDEMPOTENCY_KEY, key).json(body)
+            })
+            .await;
+        sent.map_err(|(e, maybe_delivered)| {
+            if maybe_delivered && transient(e.code) {
+                ApiError::deadline_exceeded("the request was not confirmed in time; its outcome is unknown")
+            } else {
+                e
+            }
         })
-        .await
     }
 
+    /// Tries until an answer or the deadline. The error comes with whether any attempt may
+    /// have reached a server (anything but a refused connection).
     async fn send<T: DeserializeOwned>(
         &self,
         deadline: Deadline,
         build: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
-    ) -> Result<T, ApiError> {
+    ) -> Result<T, (ApiError, bool)> {
         let mut last: Option<CallError> = None;
+        let mut maybe_delivered = false;
         loop {
             let remaining = deadline.remaining();
             if remaining.is_zero() {
                 tracing::debug!(error = ?last, "upstream gave up at the deadline");
-                return Err(match last {
+                let error = match last {
                     Some(CallError::Api(e)) if e.code != "deadline_exceeded" => e,
                     _ => ApiError::deadline_exceeded("the store could not answer in time"),
-                });
+                };
+                return Err((error, maybe_delivered));
             }
             let request = build(&self.client, self.pick())
                 .header(headers::TOKEN, &*self.token)
@@ -75,8 +89,9 @@ impl Tier {
                 .timeout(remaining.min(ATTEMPT_TIMEOUT));
             match call::<T>(request).await {
                 Ok(value) => return Ok(value),
-                Err(CallError::Api(e)) if !transient(e.code) => return Err(e),
+                Err(CallError::Api(e)) if !transient(e.code) => return Err((e, true)),
                 Err(e) => {
+                    maybe_delivered |= !matches!(e, CallError::Unreachable(_));
                     tracing::debug!(error = %e, "upstream attempt failed; retrying");
                     last = Some(e);
                 }

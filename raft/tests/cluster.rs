@@ -97,8 +97,19 @@ async fn leader_of(nodes: &[&Node]) -> NodeId {
         .await
 }
 
-async fn put(node: &Node, k: &str, v: &str) -> u64 {
-    node.replica.write(json!({"k": k, "v": v}), Deadline::after(Duration::from_secs(5))).await.unwrap().index
+/// Writes through whichever node leads, following leader changes as a client would.
+async fn put(nodes: &[Node], k: &str, v: &str) -> u64 {
+    let start = Instant::now();
+    loop {
+        if let Some(leader) = nodes.iter().find(|n| n.replica.is_leader()) {
+            match leader.replica.write(json!({"k": k, "v": v}), Deadline::after(Duration::from_secs(2))).await {
+                Ok(applied) => return applied.index,
+                Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "write of {k} failed: {e}"),
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no leader took the write of {k}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn get(node: &Node, k: &'static str) -> Option<String> {
@@ -155,7 +166,7 @@ async fn elects_replicates_and_fails_over() {
     let leader = leader_of(&nodes.iter().collect::<Vec<_>>()).await;
     let l = nodes.iter().position(|n| n.replica.id == leader).unwrap();
     for i in 0..10 {
-        put(&nodes[l], &format!("k{i}"), "v1").await;
+        put(&nodes, &format!("k{i}"), "v1").await;
     }
     // Linearizable reads on followers see the acknowledged writes.
     for n in &nodes {
@@ -173,8 +184,7 @@ async fn elects_replicates_and_fails_over() {
     let survivors: Vec<&Node> = nodes.iter().collect();
     let new_leader = leader_of(&survivors).await;
     assert_ne!(new_leader, leader);
-    let nl = nodes.iter().position(|n| n.replica.id == new_leader).unwrap();
-    put(&nodes[nl], "after", "failover").await;
+    put(&nodes, "after", "failover").await;
     for n in &nodes {
         assert_eq!(get(n, "k3").await.as_deref(), Some("v1"));
         assert_eq!(get(n, "after").await.as_deref(), Some("failover"));
@@ -197,7 +207,7 @@ async fn new_member_gets_snapshot_and_replaces_a_voter() {
     let l = nodes.iter().position(|n| n.replica.id == leader).unwrap();
     // Enough writes to build snapshots and purge the log behind them.
     for i in 0..100 {
-        put(&nodes[l], &format!("k{i}"), &format!("v{i}")).await;
+        put(&nodes, &format!("k{i}"), &format!("v{i}")).await;
     }
     wait_for("the leader to purge its log", Duration::from_secs(10), || {
         nodes[l].replica.metrics().purged.filter(|p| p.index > 10).map(|_| ())
@@ -222,7 +232,7 @@ async fn new_member_gets_snapshot_and_replaces_a_voter() {
     let m = nodes[l].replica.metrics();
     let voter_ids: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
     assert!(voter_ids.contains(&4) && !voter_ids.contains(&dead_id), "voters: {voter_ids:?}");
-    put(&nodes[l], "final", "yes").await;
+    put(&nodes, "final", "yes").await;
     converge(&nodes.iter().collect::<Vec<_>>()).await;
     assert_eq!(get(nodes.last().unwrap(), "k42").await.as_deref(), Some("v42"));
     assert_eq!(get(nodes.last().unwrap(), "final").await.as_deref(), Some("yes"));
