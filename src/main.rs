@@ -131,11 +131,12 @@ struct RaftArgs {
     /// Balancers to register with.
     #[arg(long)]
     balancer: Vec<String>,
-    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    /// Raft heartbeat; openraft also gives each AppendEntries this long to complete.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     heartbeat: Duration,
-    #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "400ms", value_parser = humantime::parse_duration)]
     election_min: Duration,
-    #[arg(long, default_value = "600ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "800ms", value_parser = humantime::parse_duration)]
     election_max: Duration,
     /// Snapshot (and purge the log) every this many entries.
     #[arg(long, default_value_t = 5000)]
@@ -155,7 +156,7 @@ struct CatalogArgs {
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     restock_delay: Duration,
     /// Frontend cache lease; must be shorter than the election timeout.
-    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
     lease: Duration,
 }
 
@@ -187,7 +188,7 @@ struct FrontendArgs {
     browse_deadline: Duration,
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     buy_deadline: Duration,
-    #[arg(long, default_value = "60ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "80ms", value_parser = humantime::parse_duration)]
     lease_renew: Duration,
 }
 

@@ -112,8 +112,19 @@ impl Layout {
     }
 }
 
+/// A port free now, chosen below the kernel's ephemeral range (32768 and up on Linux): a
+/// server keeps its port across restarts, and a port from the ephemeral range could be
+/// taken meanwhile by any process's outgoing connection.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    for _ in 0..200 {
+        let port = rng.gen_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port between 20000 and 32000 on 127.0.0.1")
 }
 
 fn random_token() -> String {

@@ -97,8 +97,10 @@ async fn attempt_all(balancer: &Balancer, request: Request) -> Result<Response, 
             Some(d) => d.remaining().min(ATTEMPT_CAP),
             None => ATTEMPT_CAP,
         };
-        // A repeatable request abandons a silent backend early and tries the next one.
-        let timeout = if repeatable { timeout.min(ATTEMPT_TIMEOUT) } else { timeout };
+        // A repeatable request abandons a silent replica early and tries the next one. Not at
+        // the edge: a frontend retries upstream on its own within the request's budget, and
+        // cutting it short would turn a slow answer (say, during an election) into a failure.
+        let timeout = if repeatable && balancer.tier != Tier::Edge { timeout.min(ATTEMPT_TIMEOUT) } else { timeout };
         let url = format!("{target}{path}");
         let request = balancer.client.request(parts.method.clone(), url).headers(outgoing.clone()).body(body.clone());
         let outcome = send(request.timeout(timeout)).await;

@@ -197,9 +197,12 @@ async fn decrement(
         .await?;
     let result: DecrementResult = serde_json::from_value(applied.response)
         .map_err(|e| ApiError::internal(format!("unexpected decrement answer: {e}")))?;
-    // Repeats of a key invalidate again: harmless, and it covers a leader that applied the
-    // first attempt but died before pushing.
-    c.leases.invalidate(item_id, applied.index).await;
+    // Invalidate to the row's version even for a repeat or a refusal: the first attempt's
+    // push may still be under way (or its leader died before pushing), and the row's own
+    // version never makes a fresh cached value look stale.
+    if result.outcome != DecrementOutcome::NotFound {
+        c.leases.invalidate(item_id, result.version, c.replica.metrics().current_term).await;
+    }
     Ok(axum::Json(result))
 }
 
@@ -228,7 +231,7 @@ pub async fn restock_item(
     if applied.response.get("error").is_some() {
         return Err(ApiError::not_found(format!("no book with id {item_id}")));
     }
-    c.leases.invalidate(item_id, applied.index).await;
+    c.leases.invalidate(item_id, applied.index, c.replica.metrics().current_term).await;
     Ok(applied.response)
 }
 
@@ -246,13 +249,13 @@ async fn lease(
     if !c.replica.is_leader() {
         return Err(ApiError::not_leader(c.replica.leader().map(|(_, url)| url)));
     }
-    let flush = c.leases.grant(&req.frontend, asked_at);
+    let missed = c.leases.grant(&req.frontend, asked_at);
     let m = c.replica.metrics();
     Ok(axum::Json(LeaseGrant {
         ttl_ms: c.leases.ttl().as_millis() as u64,
         leader_id: c.replica.id,
         term: m.current_term,
-        flush,
+        missed,
     }))
 }
 

@@ -5,10 +5,16 @@
 //! *after* the request arrived, and for less than the election timeout: so no other leader
 //! can commit a write while a lease it did not grant is still running.
 //!
-//! Before a write is acknowledged, the leader pushes `invalidate(ids, version)` to every
-//! frontend with a live lease and waits for the acks. A frontend that does not ack is
-//! waited out: the write is acknowledged only after that frontend's lease has expired, by
-//! which time it has stopped serving from its cache.
+//! That argument holds for voters, which refuse to vote while they hear from a leader. The
+//! old leader itself may vote for a new one at once (openraft does not renew a leader's
+//! own vote lease), so a new leader also waits one lease length after taking office before
+//! acknowledging its first write: by then every lease an earlier leader granted is over.
+//!
+//! Before a write is acknowledged, the leader pushes `(id, version)` to every frontend
+//! with a live lease and waits for the acks. A frontend that does not ack is waited out:
+//! the write is acknowledged only after that frontend's lease has expired, by which time
+//! it has stopped serving from its cache, and the frontend's count of missed invalidations
+//! grows so that its next lease makes it flush.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,20 +39,23 @@ struct Inner {
     granted: DashMap<String, Lease>,
     client: reqwest::Client,
     token: Arc<str>,
+    /// The term this replica last led and when it was first seen leading it.
+    office: std::sync::Mutex<Option<(u64, Instant)>>,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Lease {
     expiry: Instant,
-    /// An invalidation to this frontend failed under the current lease. Set and read under
-    /// the map's entry lock together with `expiry`, so a renewal either happened before the
-    /// failure (and is waited out) or carries the order to flush.
-    missed: bool,
+    /// Invalidations to this frontend that failed. Raised and read under the map's entry
+    /// lock together with `expiry`, so a renewal either happened before the failure (and is
+    /// waited out) or reports the higher count.
+    missed: u64,
 }
 
 impl Leases {
     pub fn new(ttl: Duration, client: reqwest::Client, token: Arc<str>) -> Self {
-        let inner = Arc::new(Inner { ttl, granted: DashMap::new(), client, token });
+        let inner =
+            Arc::new(Inner { ttl, granted: DashMap::new(), client, token, office: std::sync::Mutex::new(None) });
         let pusher = inner.clone();
         let pushes = Batcher::spawn(move |batches: Vec<Vec<(u64, u64)>>| {
             let pusher = pusher.clone();
@@ -60,14 +69,17 @@ impl Leases {
     }
 
     /// Records a lease for `frontend` running `ttl` from `asked_at` (the moment the request
-    /// arrived, which is no earlier than when the frontend sent it). Returns whether the
-    /// frontend must flush its cache first.
-    pub fn grant(&self, frontend: &str, asked_at: Instant) -> bool {
-        let mut lease =
-            self.inner.granted.entry(frontend.to_string()).or_insert(Lease { expiry: asked_at, missed: false });
-        let flush = lease.missed;
-        *lease = Lease { expiry: asked_at + self.inner.ttl, missed: false };
-        flush
+    /// arrived, which is no earlier than when the frontend sent it). Returns how many
+    /// invalidations the frontend has missed.
+    pub fn grant(&self, frontend: &str, asked_at: Instant) -> u64 {
+        let mut lease = self.inner.granted.entry(frontend.to_string()).or_insert(Lease { expiry: asked_at, missed: 0 });
+        lease.expiry = asked_at + self.inner.ttl;
+        lease.missed
+    }
+
+    /// Notes that this replica leads `term` (called as soon as it is seen leading).
+    pub fn leading(&self, term: u64) {
+        self.inner.took_office(term);
     }
 
     pub fn live(&self) -> usize {
@@ -75,10 +87,18 @@ impl Leases {
         self.inner.granted.iter().filter(|e| e.value().expiry > now).count()
     }
 
-    /// Tells every leased frontend that book `id` changed at `version`; returns once each
-    /// has acked or its lease has run out. Concurrent calls share one push per frontend.
-    pub async fn invalidate(&self, id: u64, version: u64) {
-        self.pushes.submit(vec![(id, version)]).await;
+    /// Tells every leased frontend that book `id` changed at `version` (written in
+    /// `term`); returns once each has acked or its lease has run out, and no earlier than
+    /// one lease length after this replica began leading `term`. Concurrent calls share
+    /// one push per frontend.
+    pub async fn invalidate(&self, id: u64, version: u64, term: u64) {
+        let since = self.inner.took_office(term);
+        tokio::time::sleep_until((since + self.inner.ttl).into()).await;
+        if self.pushes.submit(vec![(id, version)]).await.is_none() {
+            // The push task is gone: wait out every lease instead of pushing.
+            tracing::error!("invalidation task stopped; waiting out every lease");
+            tokio::time::sleep(self.inner.ttl).await;
+        }
     }
 }
 
@@ -93,6 +113,20 @@ fn merge(batches: Vec<Vec<(u64, u64)>>) -> Vec<(u64, u64)> {
 }
 
 impl Inner {
+    /// When this replica began leading `term`, as far as it knows: the first time it was
+    /// asked (later than the truth, which only makes waits longer, never shorter).
+    fn took_office(&self, term: u64) -> Instant {
+        let mut office = self.office.lock().unwrap_or_else(|e| e.into_inner());
+        match *office {
+            Some((t, since)) if t == term => since,
+            _ => {
+                let now = Instant::now();
+                *office = Some((term, now));
+                now
+            }
+        }
+    }
+
     async fn push(&self, items: Vec<(u64, u64)>) {
         let now = Instant::now();
         // Leases that ended long ago are forgotten; their frontends re-register on renewal.
@@ -132,7 +166,7 @@ impl Inner {
     async fn wait_out(&self, frontend: &str) {
         let expiry = match self.granted.get_mut(frontend) {
             Some(mut lease) => {
-                lease.missed = true;
+                lease.missed += 1;
                 lease.expiry
             }
             None => return,
@@ -150,12 +184,25 @@ mod tests {
         let leases = Leases::new(Duration::from_millis(200), quire_common::client::http_client(), "t".into());
         // Nothing listens on this port: the push fails at once.
         let dead = "http://127.0.0.1:9";
-        assert!(!leases.grant(dead, Instant::now()));
+        leases.leading(1);
+        assert_eq!(leases.grant(dead, Instant::now()), 0);
         let started = Instant::now();
-        leases.invalidate(1, 10).await;
+        leases.invalidate(1, 10, 1).await;
         assert!(started.elapsed() >= Duration::from_millis(150), "write acknowledged before the lease ran out");
-        assert!(leases.grant(dead, Instant::now()), "the next grant must order a flush");
-        assert!(!leases.grant(dead, Instant::now()), "only once");
+        // The count stays raised: a grant whose answer is lost cannot lose the order.
+        assert_eq!(leases.grant(dead, Instant::now()), 1);
+        assert_eq!(leases.grant(dead, Instant::now()), 1);
+    }
+
+    #[tokio::test]
+    async fn a_new_leader_waits_out_earlier_leases_before_its_first_ack() {
+        let leases = Leases::new(Duration::from_millis(200), quire_common::client::http_client(), "t".into());
+        let started = Instant::now();
+        leases.invalidate(1, 10, 7).await;
+        assert!(started.elapsed() >= Duration::from_millis(200), "acknowledged while old leases could run");
+        let again = Instant::now();
+        leases.invalidate(1, 11, 7).await;
+        assert!(again.elapsed() < Duration::from_millis(200), "only the first writes of a term wait");
     }
 
     #[test]

@@ -59,6 +59,27 @@ pub async fn run(
     let app = quire_raft::service::router(api::router(catalog.clone(), token.clone()), &replica, identity, token);
     seed::spawn_seeder(replica.clone(), Arc::new(books));
     seed::spawn_seeded_watch(replica.clone(), seeded);
-    restock::spawn(catalog, config.restock);
+    restock::spawn(catalog.clone(), config.restock);
+    spawn_office_watch(catalog);
     quire_raft::service::serve(listener, member, replica, app, shutdown).await
+}
+
+/// Tells the leases as soon as this replica leads a new term, so that waiting out the
+/// previous leader's leases starts then rather than at the term's first write.
+fn spawn_office_watch(catalog: Catalog) {
+    tokio::spawn(async move {
+        let mut metrics = catalog.replica.raft.metrics();
+        loop {
+            let leading = {
+                let m = metrics.borrow_and_update();
+                (m.current_leader == Some(catalog.replica.id)).then_some(m.current_term)
+            };
+            if let Some(term) = leading {
+                catalog.leases.leading(term);
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }

@@ -138,27 +138,32 @@ fn decrement(
             Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
         })
         .optional()?;
+    let row_version = |tx: &Transaction<'_>| -> rusqlite::Result<u64> {
+        let v: Option<i64> =
+            tx.query_row("SELECT version FROM books WHERE id = ?1", [item_id as i64], |r| r.get(0)).optional()?;
+        Ok(v.map_or(0, |v| v as u64))
+    };
     if let Some((outcome, price_cents, stock_left)) = previous {
         let outcome = serde_json::from_value(Value::String(outcome)).unwrap_or(DecrementOutcome::NotFound);
-        return Ok(DecrementResult { outcome, price_cents, stock_left });
+        return Ok(DecrementResult { outcome, price_cents, stock_left, version: row_version(tx)? });
     }
     let book = tx
-        .query_row("SELECT price_cents, stock FROM books WHERE id = ?1", [item_id as i64], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        .query_row("SELECT price_cents, stock, version FROM books WHERE id = ?1", [item_id as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)? as u64))
         })
         .optional()?;
     let result = match book {
-        None => DecrementResult { outcome: DecrementOutcome::NotFound, price_cents: 0, stock_left: 0 },
-        Some((price_cents, stock)) if stock < i64::from(quantity) => {
-            DecrementResult { outcome: DecrementOutcome::OutOfStock, price_cents, stock_left: stock }
+        None => DecrementResult { outcome: DecrementOutcome::NotFound, price_cents: 0, stock_left: 0, version: 0 },
+        Some((price_cents, stock, version)) if stock < i64::from(quantity) => {
+            DecrementResult { outcome: DecrementOutcome::OutOfStock, price_cents, stock_left: stock, version }
         }
-        Some((price_cents, stock)) => {
+        Some((price_cents, stock, _)) => {
             let left = stock - i64::from(quantity);
             tx.execute(
                 "UPDATE books SET stock = ?1, version = ?2 WHERE id = ?3",
                 params![left, index as i64, item_id as i64],
             )?;
-            DecrementResult { outcome: DecrementOutcome::Sold, price_cents, stock_left: left }
+            DecrementResult { outcome: DecrementOutcome::Sold, price_cents, stock_left: left, version: index }
         }
     };
     let outcome =
@@ -223,7 +228,10 @@ mod tests {
         let sell = |key: &str, q| Command::Decrement { item_id: 1, key: key.into(), quantity: q };
         assert_eq!(run(&mut conn, 2, sell("a", 2))["outcome"], "sold");
         // A repeat of the key gets the recorded answer and changes nothing.
-        assert_eq!(run(&mut conn, 3, sell("a", 2)), json!({"outcome": "sold", "price_cents": 1500, "stock_left": 1}));
+        assert_eq!(
+            run(&mut conn, 3, sell("a", 2)),
+            json!({"outcome": "sold", "price_cents": 1500, "stock_left": 1, "version": 2})
+        );
         assert_eq!(run(&mut conn, 4, sell("b", 2))["outcome"], "out_of_stock");
         assert_eq!(run(&mut conn, 5, sell("c", 1))["stock_left"], 0);
         assert_eq!(

@@ -12,8 +12,8 @@ use quire_raft::Replica;
 use crate::machine::{Command, NewBook};
 
 /// Books per `Load` log entry: large enough to load 100 000 books in seconds, small enough
-/// to keep one entry well under a megabyte.
-const BATCH: usize = 2_000;
+/// (about 50 KB) that replication carries several per heartbeat interval.
+const BATCH: usize = 500;
 
 pub fn builtin() -> Vec<NewBook> {
     let ds = "distributed systems";

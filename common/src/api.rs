@@ -138,6 +138,10 @@ pub struct DecrementResult {
     pub outcome: DecrementOutcome,
     pub price_cents: i64,
     pub stock_left: i64,
+    /// The book row's version once the decrement (or its repeat) is applied: what caches
+    /// are invalidated to. 0 for an unknown book.
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// Catalog service: `POST /books/{id}/restock`.
@@ -167,9 +171,10 @@ pub struct LeaseGrant {
     pub ttl_ms: u64,
     pub leader_id: u64,
     pub term: u64,
-    /// The frontend missed an invalidation under its previous lease: it must empty its
-    /// cache before serving from it again.
-    pub flush: bool,
+    /// How many invalidations this leader failed to deliver to the frontend, ever. The
+    /// frontend empties its cache whenever the count grows: a count, not a flag, so a lost
+    /// grant cannot lose the order to flush.
+    pub missed: u64,
 }
 
 pub fn cents_to_price(cents: i64) -> f64 {

@@ -92,7 +92,11 @@ pub fn router(frontend: Frontend, token: Token) -> Router {
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .with_state(frontend.clone());
-    let internal = Router::new().route("/internal/invalidate", post(invalidate)).with_state(frontend);
+    let internal = Router::new()
+        .route("/internal/invalidate", post(invalidate))
+        .with_state(frontend)
+        // A push merges every write queued behind the previous one: far above an API body.
+        .layer(axum::extract::DefaultBodyLimit::max(4 * 1024 * 1024));
     finish(public.merge(guarded(internal, token)))
 }
 
@@ -281,7 +285,9 @@ fn spawn_lease_renewal(f: Frontend, every: Duration) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // (leader, term) of the last grant, and how many missed invalidations it reported.
         let mut leader: Option<(u64, u64)> = None;
+        let mut missed = 0;
         loop {
             tick.tick().await;
             let sent_at = Instant::now();
@@ -292,16 +298,18 @@ fn spawn_lease_renewal(f: Frontend, every: Duration) {
                 Ok(grant) => {
                     let this = (grant.leader_id, grant.term);
                     let changed = leader.is_some_and(|l| l != this);
-                    if changed || grant.flush {
+                    let more_missed = !changed && grant.missed > missed;
+                    if changed || more_missed {
                         tracing::info!(
                             leader = grant.leader_id,
                             term = grant.term,
-                            flush = grant.flush,
+                            missed = grant.missed,
                             "cache flushed on lease renewal"
                         );
                     }
-                    f.inner.cache.renew(sent_at, Duration::from_millis(grant.ttl_ms), changed || grant.flush);
+                    f.inner.cache.renew(sent_at, Duration::from_millis(grant.ttl_ms), changed || more_missed);
                     leader = Some(this);
+                    missed = grant.missed;
                 }
                 Err(e) => tracing::debug!(error = %e, "lease not renewed"),
             }

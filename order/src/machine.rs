@@ -129,11 +129,12 @@ mod tests {
         let first = run(&mut conn, 10, place());
         assert_eq!((first.order_id, first.state), (10, OrderState::Pending));
         assert_eq!(run(&mut conn, 11, place()).order_id, 10, "a repeat keeps the first order");
-        let sold = DecrementResult { outcome: DecrementOutcome::Sold, price_cents: 1999, stock_left: 4 };
+        let sold = DecrementResult { outcome: DecrementOutcome::Sold, price_cents: 1999, stock_left: 4, version: 12 };
         let settled = run(&mut conn, 12, Command::Settle { key: "k".into(), result: sold });
         assert_eq!((settled.state, settled.price, settled.stock_left), (OrderState::Confirmed, Some(19.99), Some(4)));
         // A late, different answer for the same key cannot change a settled order.
-        let late = DecrementResult { outcome: DecrementOutcome::OutOfStock, price_cents: 0, stock_left: 0 };
+        let late =
+            DecrementResult { outcome: DecrementOutcome::OutOfStock, price_cents: 0, stock_left: 0, version: 13 };
         assert_eq!(run(&mut conn, 13, Command::Settle { key: "k".into(), result: late }).state, OrderState::Confirmed);
     }
 }

@@ -1,7 +1,9 @@
 //! Raft RPCs over HTTP: each RPC is a JSON POST to the peer's `/raft/*` route carrying the
 //! cluster token; the peer answers with a JSON `Result` of the openraft call.
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -14,6 +16,15 @@ use serde::Serialize;
 use quire_common::headers;
 
 use crate::{NodeId, TypeConfig};
+
+/// Largest AppendEntries body sent at once (a single larger entry still goes alone).
+const MAX_APPEND_BYTES: usize = 256 * 1024;
+
+fn to_json<T: Serialize, E: std::error::Error>(
+    rpc: &T,
+) -> Result<Vec<u8>, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>> {
+    serde_json::to_vec(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+}
 
 #[derive(Clone)]
 pub struct Network {
@@ -37,14 +48,13 @@ pub struct Peer {
 }
 
 impl Peer {
-    async fn send<Req, Resp, E>(
+    async fn send<Resp, E>(
         &self,
         route: &str,
-        request: &Req,
+        body: Vec<u8>,
         option: &RPCOption,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
     where
-        Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
@@ -53,7 +63,8 @@ impl Peer {
             .post(format!("{}/raft/{route}", self.addr))
             .header(headers::TOKEN, &*self.token)
             .timeout(option.hard_ttl())
-            .json(request)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
             .send()
             .await
             .map_err(|e| {
@@ -80,7 +91,15 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.send("append", &rpc, &option).await
+        // openraft gives an AppendEntries one heartbeat interval. A batch too big to carry
+        // in that time would time out forever, so ask for fewer entries instead.
+        let body = serde_json::to_vec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let entries = rpc.entries.len() as u64;
+        if body.len() > MAX_APPEND_BYTES && entries > 1 {
+            let hint = (entries * MAX_APPEND_BYTES as u64 / body.len() as u64).max(1);
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(hint)));
+        }
+        self.send("append", body, &option).await
     }
 
     async fn install_snapshot(
@@ -89,7 +108,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
     {
-        self.send("snapshot", &rpc, &option).await
+        self.send("snapshot", to_json(&rpc)?, &option).await
     }
 
     async fn vote(
@@ -97,6 +116,6 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.send("vote", &rpc, &option).await
+        self.send("vote", to_json(&rpc)?, &option).await
     }
 }

@@ -35,9 +35,9 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            heartbeat: Duration::from_millis(50),
-            election_min: Duration::from_millis(300),
-            election_max: Duration::from_millis(600),
+            heartbeat: Duration::from_millis(100),
+            election_min: Duration::from_millis(400),
+            election_max: Duration::from_millis(800),
             snapshot_every: 5_000,
         }
     }

@@ -56,7 +56,17 @@ pub async fn serve(
         Duration::from_secs(2),
     );
     tracing::info!(server = %member.name, id = replica.id, url = %replica.advertise, "replica serving");
-    server.await??;
+    // A Raft core that stopped on a storage error leaves a server that answers /health but
+    // will never replicate again: exit instead, so the supervisor restarts the process.
+    let wait = replica.raft.wait(None);
+    let fatal = wait.metrics(|m| m.running_state.is_err(), "raft core stopped");
+    tokio::select! {
+        served = server => served??,
+        stopped = fatal => {
+            let state = stopped.map(|m| format!("{:?}", m.running_state)).unwrap_or_else(|e| e.to_string());
+            anyhow::bail!("the Raft core stopped ({state}); exiting so this replica is restarted");
+        }
+    }
     replica.shutdown().await;
     Ok(())
 }

@@ -5,7 +5,10 @@
 //! the log and openraft replays the rest. A snapshot is the whole file, made with
 //! `VACUUM INTO` from a read transaction (so it is consistent with the `last_applied` it
 //! holds); installing one copies its tables into ours inside one transaction, which keeps
-//! every open read connection valid.
+//! every open read connection valid. The current snapshot is `snapshot.db`, fsynced and
+//! renamed into place; its metadata is read from the file itself. Since `state.db` is not
+//! fsynced on every apply, a replica whose state is found behind its snapshot at startup
+//! (power loss after the log was purged) restores the snapshot first.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -16,7 +19,6 @@ use openraft::{
     Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership,
 };
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::log_store::open;
@@ -37,12 +39,6 @@ fn snap_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
 
 fn other(message: &str) -> std::io::Error {
     std::io::Error::other(message.to_string())
-}
-
-/// What `snapshot.json` records beside `snapshot.db`.
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
 }
 
 fn read_applied(conn: &Connection) -> rusqlite::Result<(Option<LogId<NodeId>>, Membership)> {
@@ -148,9 +144,24 @@ pub struct StateStore {
 impl StateStore {
     pub fn open(dir: &Path, machine: Arc<dyn Machine>) -> anyhow::Result<Self> {
         let path = dir.join("state.db");
-        let conn = open(&path, false)?;
+        let mut conn = open(&path, false)?;
         conn.execute_batch(META_SCHEMA)?;
         conn.execute_batch(machine.schema())?;
+        // state.db is not fsynced on every apply; the snapshot file is. After a power loss
+        // the state may be older than the snapshot the log was purged behind: restore it.
+        let snapshot = dir.join("snapshot.db");
+        if snapshot.exists() {
+            let (state_applied, _) = read_applied(&conn)?;
+            let snapshot_applied = snapshot_meta(&snapshot)?.last_log_id;
+            if snapshot_applied > state_applied {
+                tracing::warn!(
+                    ?state_applied,
+                    ?snapshot_applied,
+                    "state is behind its snapshot; restoring the snapshot"
+                );
+                copy_into(&mut conn, &snapshot, machine.as_ref())?;
+            }
+        }
         Ok(StateStore {
             dir: dir.to_path_buf(),
             conn: Arc::new(Mutex::new(conn)),
@@ -178,19 +189,39 @@ impl StateStore {
         self.dir.join("snapshot.db")
     }
 
-    fn snapshot_json(&self) -> PathBuf {
-        self.dir.join("snapshot.json")
-    }
-
-    /// Makes `file` the current snapshot, atomically (rename) and durably.
-    fn keep_snapshot(&self, file: &Path, meta: &SnapshotMeta<NodeId, openraft::BasicNode>) -> std::io::Result<()> {
-        let json = serde_json::to_vec(&StoredSnapshot { meta: meta.clone() })?;
-        let tmp_json = self.dir.join("snapshot.json.tmp");
-        std::fs::write(&tmp_json, json)?;
+    /// Makes `file` the current snapshot: fsynced, then renamed over the old one (atomic),
+    /// then the directory fsynced. The snapshot's metadata is read from the file itself, so
+    /// data and metadata can never disagree.
+    fn keep_snapshot(&self, file: &Path) -> std::io::Result<SnapshotMeta<NodeId, openraft::BasicNode>> {
+        std::fs::File::open(file)?.sync_all()?;
         std::fs::rename(file, self.snapshot_db())?;
-        std::fs::rename(&tmp_json, self.snapshot_json())?;
-        Ok(())
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        snapshot_meta(&self.snapshot_db()).map_err(|e| std::io::Error::other(e.to_string()))
     }
+}
+
+/// A snapshot file's metadata, from its own `quire_meta` (the state it holds).
+fn snapshot_meta(path: &Path) -> rusqlite::Result<SnapshotMeta<NodeId, openraft::BasicNode>> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let (last_log_id, last_membership) = read_applied(&conn)?;
+    let snapshot_id = last_log_id.map_or_else(|| "empty".to_string(), |l| l.to_string());
+    Ok(SnapshotMeta { last_log_id, last_membership, snapshot_id })
+}
+
+/// Replaces the service's tables and `quire_meta` with those of the snapshot file at
+/// `path`, in one transaction (open read connections stay valid; FTS follows by triggers).
+fn copy_into(conn: &mut Connection, path: &Path, machine: &dyn Machine) -> rusqlite::Result<()> {
+    conn.execute("ATTACH DATABASE ?1 AS snap", [path.to_string_lossy()])?;
+    let copied = (|| -> rusqlite::Result<()> {
+        let tx = conn.transaction()?;
+        for table in machine.tables().iter().chain(["quire_meta"].iter()) {
+            tx.execute(&format!("DELETE FROM main.{table}"), [])?;
+            tx.execute(&format!("INSERT INTO main.{table} SELECT * FROM snap.{table}"), [])?;
+        }
+        tx.commit()
+    })();
+    conn.execute("DETACH DATABASE snap", [])?;
+    copied
 }
 
 fn apply_batch(
@@ -259,36 +290,28 @@ impl RaftStateMachine<TypeConfig> for StateStore {
         let _guard = self.snapshot_lock.lock().await;
         let incoming = self.dir.join("incoming.db");
         std::fs::write(&incoming, snapshot.into_inner()).map_err(snap_err)?;
-        let attach_path = incoming.to_string_lossy().to_string();
-        self.with_conn(move |conn, machine| {
-            conn.execute("ATTACH DATABASE ?1 AS snap", [&attach_path]).map_err(sm_err)?;
-            let copied = (|| -> rusqlite::Result<()> {
-                let tx = conn.transaction()?;
-                for table in machine.tables().iter().chain(["quire_meta"].iter()) {
-                    tx.execute(&format!("DELETE FROM main.{table}"), [])?;
-                    tx.execute(&format!("INSERT INTO main.{table} SELECT * FROM snap.{table}"), [])?;
-                }
-                tx.commit()
-            })();
-            conn.execute("DETACH DATABASE snap", []).map_err(sm_err)?;
-            copied.map_err(sm_err)
-        })
-        .await?;
-        self.keep_snapshot(&incoming, meta).map_err(snap_err)?;
-        tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");
+        let received = snapshot_meta(&incoming).map_err(snap_err)?;
+        if received.last_log_id != meta.last_log_id {
+            return Err(snap_err(other("received snapshot does not hold the state its metadata names")));
+        }
+        // Keep the snapshot durably first: if the copy below is lost to a crash, startup
+        // restores it from this file.
+        let kept = self.keep_snapshot(&incoming).map_err(snap_err)?;
+        let path = self.snapshot_db();
+        self.with_conn(move |conn, machine| copy_into(conn, &path, machine).map_err(sm_err)).await?;
+        tracing::info!(last_log_id = ?kept.last_log_id, "installed snapshot");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
         let _guard = self.snapshot_lock.lock().await;
-        let json = match std::fs::read(self.snapshot_json()) {
-            Ok(json) => json,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(snap_err(e)),
-        };
-        let stored: StoredSnapshot = serde_json::from_slice(&json).map_err(snap_err)?;
-        let data = std::fs::read(self.snapshot_db()).map_err(snap_err)?;
-        Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(data)) }))
+        let path = self.snapshot_db();
+        if !path.exists() {
+            return Ok(None);
+        }
+        let meta = snapshot_meta(&path).map_err(snap_err)?;
+        let data = std::fs::read(&path).map_err(snap_err)?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }
 
@@ -300,22 +323,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateStore {
         let target = building.to_string_lossy().to_string();
         // VACUUM INTO reads one consistent state of the file, `quire_meta` included.
         let source = self.dir.join("state.db");
-        let (applied, membership) = tokio::task::spawn_blocking(move || -> rusqlite::Result<_> {
+        tokio::task::spawn_blocking(move || -> rusqlite::Result<_> {
             let conn = open(&source, false)?;
-            conn.execute("VACUUM INTO ?1", [&target])?;
-            let copy = Connection::open(&target)?;
-            read_applied(&copy)
+            conn.execute("VACUUM INTO ?1", [&target])
         })
         .await
         .map_err(snap_err)?
         .map_err(snap_err)?;
-        let snapshot_id = format!(
-            "{}-{}",
-            applied.map_or(0, |l| l.index),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())
-        );
-        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
-        self.keep_snapshot(&building, &meta).map_err(snap_err)?;
+        let meta = self.keep_snapshot(&building).map_err(snap_err)?;
         let data = std::fs::read(self.snapshot_db()).map_err(snap_err)?;
         tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "built snapshot");
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
