@@ -341,6 +341,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// How long `quire up` waits before restarting a server that died: long enough for its
+/// group to fail over without it (and for a crash loop not to spin), short enough to heal.
+const RESTART_DELAY: Duration = Duration::from_secs(2);
+
 /// `quire up`: start the store, wait until it answers, keep it running (restarting servers
 /// that die) until Ctrl-C or SIGTERM, then stop every child.
 async fn up(args: UpArgs) -> anyhow::Result<()> {
@@ -363,6 +367,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let shutdown = quire_common::shutdown::signal();
     tokio::pin!(shutdown);
     let mut announced = false;
+    // Servers that died, and when to start them again.
+    let mut restarts: Vec<(String, std::time::Instant)> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
@@ -389,12 +395,17 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
                 tracing::warn!(server = %name, %status, "server exited");
                 continue;
             }
-            tracing::warn!(server = %name, %status, "server exited; restarting it");
-            match store.restart(&name) {
+            tracing::warn!(server = %name, %status, "server exited; restarting it in {RESTART_DELAY:?}");
+            restarts.push((name, std::time::Instant::now() + RESTART_DELAY));
+        }
+        let now = std::time::Instant::now();
+        for (name, _) in restarts.iter().filter(|(_, at)| *at <= now) {
+            match store.restart(name) {
                 Ok(pid) => tracing::info!(server = %name, pid, "restarted"),
                 Err(e) => tracing::error!(server = %name, error = %e, "cannot restart"),
             }
         }
+        restarts.retain(|(_, at)| *at > now);
     }
     println!("stopping quire...");
     tokio::task::block_in_place(|| store.stop(Duration::from_secs(10)));

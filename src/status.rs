@@ -55,7 +55,7 @@ pub async fn collect(data_dir: &Path) -> anyhow::Result<Vec<Row>> {
 
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<17} {:<17} {:<23} {:>8} {:<9} {:>6} {:>5} {:>8} {}\n",
+        "{:<19} {:<17} {:<23} {:>8} {:<9} {:>6} {:>5} {:>8} {}\n",
         "NAME", "TIER", "URL", "PID", "ROLE", "LEADER", "TERM", "APPLIED", "HEALTH"
     );
     for r in rows {
@@ -66,7 +66,7 @@ pub fn table(rows: &[Row]) -> String {
             _ => "DOWN",
         };
         out.push_str(&format!(
-            "{:<17} {:<17} {:<23} {:>8} {:<9} {:>6} {:>5} {:>8} {}\n",
+            "{:<19} {:<17} {:<23} {:>8} {:<9} {:>6} {:>5} {:>8} {}\n",
             r.name,
             r.tier,
             r.url.trim_start_matches("http://"),
