@@ -12,7 +12,9 @@ use tracing_subscriber::{fmt, EnvFilter};
 pub fn init(name: &str, log_file: Option<&Path>) -> anyhow::Result<Option<WorkerGuard>> {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,hyper=warn,reqwest=warn,h2=warn"));
-    let stderr = fmt::layer().with_writer(std::io::stderr).with_target(false);
+    // Colour only on a terminal: `docker logs` and log collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let stderr = fmt::layer().with_writer(std::io::stderr).with_target(false).with_ansi(ansi);
     let (file_layer, guard) = match log_file {
         Some(path) => {
             if let Some(dir) = path.parent() {

@@ -131,10 +131,22 @@ impl Replica {
     }
 
     /// Initialises a new group with `members` (id → base URL) unless this replica already
-    /// belongs to one. Safe to call on every member with the same map.
+    /// belongs to one, or another member already runs one (then this replica, say a
+    /// container given an empty volume, waits to be brought up to date instead of founding
+    /// a second group). Safe to call on every member with the same map.
     pub async fn initialize(&self, members: &BTreeMap<NodeId, String>) -> anyhow::Result<()> {
         if self.raft.is_initialized().await? {
             return Ok(());
+        }
+        for (id, url) in members.iter().filter(|(id, _)| **id != self.id) {
+            let status = self.client.get(format!("{url}/status")).timeout(Duration::from_millis(500)).send().await;
+            let Ok(status) = status else { continue };
+            let Ok(status) = status.json::<quire_common::status::ServerStatus>().await else { continue };
+            let voters = status.details["voters"].as_array().is_some_and(|v| !v.is_empty());
+            if voters || status.leader.is_some() {
+                tracing::info!(peer = id, "the group already exists; joining it instead of founding one");
+                return Ok(());
+            }
         }
         let nodes: BTreeMap<NodeId, BasicNode> = members.iter().map(|(id, url)| (*id, BasicNode::new(url))).collect();
         match self.raft.initialize(nodes).await {

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Stops the store and removes its containers and network; the data volumes are kept unless
+# you pass -v (docker/down.sh -v).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+QUIRE_TOKEN=${QUIRE_TOKEN:-unused} "$here/compose.sh" down "$@"
