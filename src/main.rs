@@ -149,11 +149,13 @@ struct CatalogArgs {
     common: Common,
     #[command(flatten)]
     raft: RaftArgs,
-    #[arg(long)]
+    /// Load this catalog (CSV: id,title,topic,price,stock) instead of the seven books.
+    #[arg(long, env = "QUIRE_CATALOG")]
     catalog: Option<PathBuf>,
-    #[arg(long, default_value_t = 100)]
+    /// Copies added to a sold-out book (0: never restock).
+    #[arg(long, env = "QUIRE_RESTOCK_AMOUNT", default_value_t = 100)]
     restock_amount: u32,
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "QUIRE_RESTOCK_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
     restock_delay: Duration,
     /// Frontend cache lease; must be shorter than the election timeout.
     #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]

@@ -140,10 +140,51 @@ impl TestStore {
         self.store.names(tier).into_iter().filter(|n| *n != leader).collect()
     }
 
+    /// The store as the invariant checks see it: every replica, live or not, by URL.
+    pub fn probe(&self) -> Probe {
+        let urls = |tier: &str| self.store.names(tier).iter().map(|n| self.url(n)).collect();
+        Probe {
+            client: self.client.clone(),
+            token: self.token.clone(),
+            edge: self.edge.clone(),
+            catalog: urls("catalog"),
+            order: urls("order"),
+            initial: self.initial.clone(),
+        }
+    }
+
     pub async fn admin_get<T: serde::de::DeserializeOwned>(&self, name: &str, path: &str) -> Option<T> {
+        self.probe().admin_get(&self.url(name), path).await
+    }
+
+    /// Waits until the named live replicas of `tier` converge.
+    pub async fn converge(&self, tier: &str, live: &[String]) {
+        let urls: Vec<String> = live.iter().map(|n| self.url(n)).collect();
+        self.probe().converge(tier, &urls).await;
+    }
+
+    /// Checks every invariant of ARCHITECTURE.md §4 against what `work` saw acknowledged.
+    pub async fn check_invariants(&self, work: &Report) {
+        self.probe().check_invariants(work).await;
+    }
+}
+
+/// What the invariant checks reach: the edge, every replica of each group (by URL), the
+/// token, and the initial stock. Built from a process store or from containers.
+pub struct Probe {
+    pub client: reqwest::Client,
+    pub token: String,
+    pub edge: String,
+    pub catalog: Vec<String>,
+    pub order: Vec<String>,
+    pub initial: BTreeMap<u64, i64>,
+}
+
+impl Probe {
+    pub async fn admin_get<T: serde::de::DeserializeOwned>(&self, url: &str, path: &str) -> Option<T> {
         let r = self
             .client
-            .get(format!("{}{path}", self.url(name)))
+            .get(format!("{url}{path}"))
             .header(headers::TOKEN, &self.token)
             .timeout(Duration::from_secs(5))
             .send()
@@ -155,13 +196,13 @@ impl TestStore {
         r.json().await.ok()
     }
 
-    /// Waits until every live replica of `tier` has applied the same index with the same
+    /// Waits until every replica in `live` (URLs) has applied the same index with the same
     /// state digest.
-    pub async fn converge(&self, tier: &str, live: &[String]) {
-        wait_for(&format!("{tier} replicas to converge"), Duration::from_secs(30), || async {
+    pub async fn converge(&self, what: &str, live: &[String]) {
+        wait_for(&format!("{what} replicas to converge"), Duration::from_secs(30), || async {
             let mut seen = BTreeSet::new();
-            for name in live {
-                let d: Value = self.admin_get(name, "/admin/digest").await?;
+            for url in live {
+                let d: Value = self.admin_get(url, "/admin/digest").await?;
                 seen.insert((d["applied_index"].as_u64()?, d["digest"].as_str()?.to_string()));
             }
             (seen.len() == 1).then_some(())
@@ -171,12 +212,11 @@ impl TestStore {
 
     /// Checks every invariant of ARCHITECTURE.md §4 against what `work` saw acknowledged.
     pub async fn check_invariants(&self, work: &Report) {
-        let catalog = self.store.names("catalog");
-        let orders_tier = self.store.names("order");
+        let (catalog, orders_tier) = (&self.catalog, &self.order);
         // Pending orders are finished by the recovery task; wait for it.
         let orders: Vec<Order> = wait_for("every pending order to settle", Duration::from_secs(40), || async {
-            for name in &orders_tier {
-                if let Some(orders) = self.admin_get::<Vec<Order>>(name, "/admin/orders").await {
+            for url in orders_tier {
+                if let Some(orders) = self.admin_get::<Vec<Order>>(url, "/admin/orders").await {
                     return orders.iter().all(|o| o.state != OrderState::Pending).then_some(orders);
                 }
             }
@@ -184,8 +224,8 @@ impl TestStore {
         })
         .await;
         let ledger: Value = wait_for("the catalog ledger", Duration::from_secs(20), || async {
-            for name in &catalog {
-                if let Some(l) = self.admin_get::<Value>(name, "/admin/ledger").await {
+            for url in catalog {
+                if let Some(l) = self.admin_get::<Value>(url, "/admin/ledger").await {
                     return Some(l);
                 }
             }
