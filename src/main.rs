@@ -186,7 +186,9 @@ struct FrontendArgs {
     /// Edge balancers to register with.
     #[arg(long)]
     edge: Vec<String>,
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    /// Budget of a lookup or search. It must cover a leader election (1.3-1.8 s here, more
+    /// on a loaded machine): linearizable reads wait for the new leader rather than fail.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     browse_deadline: Duration,
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     buy_deadline: Duration,
@@ -247,12 +249,11 @@ where
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        // SQLite work runs on the blocking pool; a few threads keep every core busy.
-        .max_blocking_threads(16)
-        .build()?
-        .block_on(dispatch(cli))
+    // The blocking pool keeps tokio's default size: SQLite work and reqwest's DNS lookups
+    // (getaddrinfo) share it, and a lookup of a cut-off peer can hang for ~10 s. A small
+    // pool let those lookups starve every SQLite call (seen with `docker network
+    // disconnect`).
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(dispatch(cli))
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {

@@ -164,7 +164,11 @@ fn docker_ready() -> bool {
 /// Writes resume: waits for the next acknowledged buys and prints how long it took.
 async fn writes_resume(w: &Workload, fault: &str, since: Instant) {
     w.progress(10, 3).await;
-    eprintln!("{fault}: writes succeed again {:.2?} after the fault", since.elapsed());
+    eprintln!(
+        "{fault} at +{:.1?}: writes succeed again {:.2?} after the fault",
+        since.duration_since(w.began),
+        since.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -317,6 +317,8 @@ pub struct Workload {
     report: Arc<Mutex<Report>>,
     pub reads_done: Arc<AtomicU64>,
     pub buys_done: Arc<AtomicU64>,
+    /// When the workload started (times in its report are counted from here).
+    pub began: Instant,
 }
 
 impl Workload {
@@ -328,6 +330,7 @@ impl Workload {
         let reads_done = Arc::new(AtomicU64::new(0));
         let buys_done = Arc::new(AtomicU64::new(0));
         let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().expect("client");
+        let began = Instant::now();
         let mut tasks = Vec::new();
         for b in 0..buyers {
             let (stop, report, floors, client, edge, items, done) = (
@@ -407,14 +410,16 @@ impl Workload {
                                 }
                             }
                         }
-                        Ok((status, body)) => report.violations.push(format!("read of {item} failed: {status} {body}")),
+                        Ok((status, body)) => report
+                            .violations
+                            .push(format!("read of {item} failed at +{:.1?}: {status} {body}", began.elapsed())),
                         Err(e) => report.violations.push(format!("read of {item}: no answer from the edge: {e}")),
                     }
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             }));
         }
-        Workload { stop, tasks, report, reads_done, buys_done }
+        Workload { stop, tasks, report, reads_done, buys_done, began }
     }
 
     /// Lets the workload make at least `reads` more reads and `buys` more buys.
