@@ -250,13 +250,7 @@ async fn faults_across_containers() {
 
     w.progress(30, 10).await;
     let report = w.finish().await;
-    eprintln!(
-        "workload: {} reads, {} buys, {} acknowledged, errors {:?}",
-        report.reads,
-        report.buys,
-        report.acked.len(),
-        report.buy_errors
-    );
+    eprintln!("workload: {}", report.summary());
     let probe = stack.probe();
     probe.converge("catalog", &probe.catalog).await;
     probe.converge("order", &probe.order).await;

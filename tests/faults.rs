@@ -38,13 +38,7 @@ async fn kill_and_restart(t: &TestStore, w: &Workload, name: &str) {
 async fn finish(t: TestStore, w: Workload) {
     w.progress(20, 5).await;
     let report = w.finish().await;
-    eprintln!(
-        "workload: {} reads, {} buys, {} acknowledged, errors {:?}",
-        report.reads,
-        report.buys,
-        report.acked.len(),
-        report.buy_errors
-    );
+    eprintln!("workload: {}", report.summary());
     assert!(!report.acked.is_empty(), "no buy succeeded at all");
     for tier in ["catalog", "order"] {
         let live = t.store.names(tier);

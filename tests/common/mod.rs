@@ -308,6 +308,19 @@ pub struct Report {
     pub violations: Vec<String>,
 }
 
+impl Report {
+    /// One line for a test's output.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} reads, {} buys, {} acknowledged, errors {:?}",
+            self.reads,
+            self.buys,
+            self.acked.len(),
+            self.buy_errors
+        )
+    }
+}
+
 /// Concurrent shoppers: buyers with their own idempotency keys, readers checking that no
 /// lookup returns stock older than an acknowledged buy. Restocks must be off (stock then
 /// only falls, so "older" is "higher").
