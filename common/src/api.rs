@@ -177,6 +177,25 @@ pub struct LeaseGrant {
     pub missed: u64,
 }
 
+/// Parses a path id: a positive integer that fits SQLite's signed 64-bit rowid.
+pub fn parse_id(text: &str) -> Result<u64, crate::ApiError> {
+    text.parse::<u64>()
+        .ok()
+        .filter(|id| *id > 0 && *id <= i64::MAX as u64)
+        .ok_or_else(|| crate::ApiError::bad_request("invalid_id", format!("{text:?} is not a positive integer id")))
+}
+
+/// A topic is 1 to [`MAX_TOPIC_LEN`] bytes.
+pub fn check_topic(topic: &str) -> Result<(), crate::ApiError> {
+    if topic.is_empty() || topic.len() > MAX_TOPIC_LEN {
+        return Err(crate::ApiError::bad_request(
+            "invalid_topic",
+            format!("a topic is 1 to {MAX_TOPIC_LEN} bytes long"),
+        ));
+    }
+    Ok(())
+}
+
 pub fn cents_to_price(cents: i64) -> f64 {
     cents as f64 / 100.0
 }
@@ -209,6 +228,16 @@ mod tests {
         assert_eq!(price_to_cents("-1"), None);
         assert_eq!(price_to_cents("abc"), None);
         assert_eq!(cents_to_price(1999), 19.99);
+    }
+
+    #[test]
+    fn ids_must_be_positive_integers() {
+        assert_eq!(parse_id("7").unwrap(), 7);
+        for bad in ["0", "-1", "abc", "1.5", "99999999999999999999", "9223372036854775808"] {
+            assert_eq!(parse_id(bad).unwrap_err().code, "invalid_id", "{bad}");
+        }
+        assert!(check_topic("").is_err() && check_topic(&"x".repeat(MAX_TOPIC_LEN + 1)).is_err());
+        assert!(check_topic("graduate school").is_ok());
     }
 
     #[test]

@@ -100,13 +100,6 @@ pub fn router(frontend: Frontend, token: Token) -> Router {
     finish(public.merge(guarded(internal, token)))
 }
 
-fn parse_id(text: &str) -> Result<u64, ApiError> {
-    text.parse::<u64>()
-        .ok()
-        .filter(|id| *id > 0 && *id <= i64::MAX as u64)
-        .ok_or_else(|| ApiError::bad_request("invalid_id", format!("{text:?} is not a positive integer id")))
-}
-
 fn json_bytes(bytes: Bytes) -> Response {
     ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], bytes).into_response()
 }
@@ -129,9 +122,7 @@ async fn search_topic(
     Path(topic): Path<String>,
     headers: HeaderMap,
 ) -> Result<axum::Json<TopicResults>, ApiError> {
-    if topic.is_empty() || topic.len() > MAX_TOPIC_LEN {
-        return Err(ApiError::bad_request("invalid_topic", format!("a topic is 1 to {MAX_TOPIC_LEN} bytes long")));
-    }
+    check_topic(&topic)?;
     let path = format!("/topics/{}", urlencode(&topic));
     f.inner.catalog.get(&path, Deadline::from_headers_or(&headers, f.inner.browse_budget)).await.map(axum::Json)
 }

@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use rusqlite::OptionalExtension;
 
-use quire_common::api::{Order, PlaceOrder, Receipt, MAX_QUANTITY};
+use quire_common::api::{parse_id, Order, PlaceOrder, Receipt, MAX_QUANTITY};
 use quire_common::http::{guarded, Json, Token};
 use quire_common::{ApiError, Deadline};
 
@@ -48,11 +48,7 @@ async fn order(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<axum::Json<Order>, ApiError> {
-    let id = id
-        .parse::<u64>()
-        .ok()
-        .filter(|id| *id > 0 && *id <= i64::MAX as u64)
-        .ok_or_else(|| ApiError::bad_request("invalid_id", format!("{id:?} is not a positive integer order id")))?;
+    let id = parse_id(&id)?;
     shop.replica.read_barrier(Deadline::from_headers_or(&headers, DEFAULT_BUDGET)).await?;
     let order = shop
         .replica
