@@ -5,6 +5,8 @@ set -euo pipefail
 # QUIRE_COMPOSE_OVERRIDE names an extra compose file layered on top (tests use one).
 here="$(cd "$(dirname "$0")" && pwd)"
 files=(-f "$here/compose.yaml")
+# QUIRE_CLOUD_SIM=1 adds compose.cloud-sim.yaml: cloud-sim servers and the autoscaler container.
+[ "${QUIRE_CLOUD_SIM:-}" = 1 ] && files+=(-f "$here/compose.cloud-sim.yaml")
 [ -n "${QUIRE_COMPOSE_OVERRIDE:-}" ] && files+=(-f "$QUIRE_COMPOSE_OVERRIDE")
 if docker compose version >/dev/null 2>&1; then
   exec docker compose "${files[@]}" -p "${QUIRE_PROJECT:-quire}" "$@"

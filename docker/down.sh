@@ -3,4 +3,6 @@
 # you pass -v (docker/down.sh -v).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-QUIRE_TOKEN=${QUIRE_TOKEN:-unused} "$here/compose.sh" down "$@"
+# --remove-orphans: also the autoscaler's containers (and the autoscaler, if started with
+# --cloud-sim), which carry the project's label but are not in compose.yaml.
+QUIRE_TOKEN=${QUIRE_TOKEN:-unused} "$here/compose.sh" down --remove-orphans "$@"

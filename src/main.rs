@@ -2,6 +2,7 @@
 //! binds listeners and calls each service's `run`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
 use quire::supervisor::{Store, StoreOptions};
+use quire_common::capacity::Costs;
 use quire_common::http::Token;
 
 #[derive(Parser)]
@@ -29,6 +31,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Simulated clients against a store: open-loop arrivals from a load profile, then a
+    /// report (unhappy clients, latency, server-seconds against the oracle) and a chart.
+    Load(quire_loadgen::live::LoadArgs),
+    /// Replay a load profile against an autoscaling policy in a discrete-event model of the
+    /// store's tiers (`cloud-sim` costs); prints the same report as `quire load`.
+    Simulate(quire_autoscaler::sim::SimulateArgs),
+    /// Run the autoscaler of a store on Docker: it launches and removes the containers of a
+    /// compose project (docker/compose.cloud-sim.yaml runs it as a container of the stack).
+    Autoscale(quire_autoscaler::docker::AutoscaleArgs),
     /// Exit 0 when URL answers /health (for container healthchecks).
     Health { url: String },
     /// Operator commands.
@@ -59,7 +70,21 @@ struct UpArgs {
     /// Balancers per service tier (catalog, order); two means none is a single point of failure.
     #[arg(long, default_value_t = 2)]
     balancers: usize,
-    /// Do not run the autoscaler (quire has none yet: the flag is accepted for later).
+    /// Server capacity: `cloud-sim` emulates the seeds' cloud (5 s boot, fixed work per
+    /// request, worker slots) so that autoscaling matters on one machine.
+    #[arg(long, value_enum, default_value_t = Profile::Default)]
+    profile: Profile,
+    /// Worker slots per server under `cloud-sim`.
+    #[arg(long, default_value_t = 1)]
+    slots: u32,
+    /// Autoscaling policy: default, queue, rate or hpa.
+    #[arg(long, default_value = "default")]
+    policy: String,
+    /// Most servers the autoscaler runs per tier.
+    #[arg(long, default_value_t = 24)]
+    max_servers: u32,
+    /// Do not run the autoscaler (it runs under `--profile cloud-sim`, where capacity is
+    /// modelled; the default profile's capacity is the machine's, so its tiers stay fixed).
     #[arg(long)]
     no_autoscale: bool,
     /// Do not restart servers that die.
@@ -105,6 +130,22 @@ struct Common {
     token: String,
     #[arg(long)]
     log_file: Option<PathBuf>,
+    /// `cloud-sim` emulates the seeds' cloud: 5 s boot, fixed work per request, worker slots.
+    #[arg(long, env = "QUIRE_PROFILE", value_enum, default_value_t = Profile::Default)]
+    profile: Profile,
+    /// Worker slots per server under `cloud-sim`.
+    #[arg(long, env = "QUIRE_SLOTS", default_value_t = 1)]
+    slots: u32,
+}
+
+/// What a server's capacity is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Profile {
+    /// The machine's own: no boot delay, no emulated work, unlimited slots.
+    Default,
+    /// The seeds' simulated cloud (ARCHITECTURE.md §7).
+    CloudSim,
 }
 
 #[derive(Args)]
@@ -186,11 +227,11 @@ struct FrontendArgs {
     /// Edge balancers to register with.
     #[arg(long)]
     edge: Vec<String>,
-    /// Budget of a lookup or search. It must cover a leader election (1.3-1.8 s here, more
-    /// on a loaded machine): linearizable reads wait for the new leader rather than fail.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    /// Deadline of a lookup or search that carries none (`x-quire-deadline`): the seeds'
+    /// client patience. A client that will wait out a leader election (1.3-1.8 s here) says so.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     browse_deadline: Duration,
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     buy_deadline: Duration,
     #[arg(long, default_value = "80ms", value_parser = humantime::parse_duration)]
     lease_renew: Duration,
@@ -202,6 +243,10 @@ fn parse_member(text: &str) -> Result<(u64, String), String> {
 }
 
 impl Common {
+    fn capacity(&self) -> Option<Costs> {
+        (self.profile == Profile::CloudSim).then_some(Costs { slots: self.slots.max(1), ..Costs::CLOUD_SIM })
+    }
+
     fn advertise(&self) -> String {
         self.advertise.clone().unwrap_or_else(|| format!("http://{}", self.listen))
     }
@@ -222,6 +267,7 @@ impl RaftArgs {
                     election_max: self.election_max,
                     snapshot_every: self.snapshot_every,
                 },
+                capacity: common.capacity(),
             },
             init_members: (!self.init.is_empty()).then(|| self.init.iter().cloned().collect()),
             balancers: self.balancer.clone(),
@@ -247,6 +293,52 @@ where
     result
 }
 
+/// Runs the autoscaler over `store`'s processes, serving its `/status` on a free loopback
+/// port recorded in the store's layout; returns its base URL.
+async fn start_autoscaler(
+    store: Arc<Store>,
+    policy: Box<dyn quire_autoscaler::Policy>,
+    costs: Costs,
+    max: u32,
+) -> anyhow::Result<String> {
+    use quire_autoscaler::TierKind;
+    let layout = store.layout();
+    let urls = |tier: &str| layout.servers.iter().filter(|s| s.tier == tier).map(|s| s.url.clone()).collect();
+    let voters = |tier: &str| layout.servers.iter().filter(|s| s.tier == tier).count() as u32;
+    let config = quire_autoscaler::live::Config {
+        policy,
+        costs,
+        balancers: [
+            (TierKind::Frontend, urls("edge")),
+            (TierKind::Catalog, urls("catalog-balancer")),
+            (TierKind::Order, urls("order-balancer")),
+        ]
+        .into(),
+        token: layout.token.clone(),
+        bounds: [
+            (TierKind::Frontend, (1, max.max(1))),
+            (TierKind::Catalog, (voters("catalog"), max.max(voters("catalog")))),
+            (TierKind::Order, (voters("order"), max.max(voters("order")))),
+        ]
+        .into(),
+        period: Duration::from_secs(1),
+        drain_grace: Duration::from_millis(2500),
+    };
+    let autoscaler =
+        quire_autoscaler::live::Autoscaler::new(quire::fleet::Processes::new(store.clone()), config).await?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    store.set_autoscaler(Some(url.clone()))?;
+    let router = autoscaler.router();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "autoscaler status server stopped");
+        }
+    });
+    tokio::spawn(autoscaler.run(std::future::pending()));
+    Ok(url)
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The blocking pool keeps tokio's default size: SQLite work and reqwest's DNS lookups
@@ -260,14 +352,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Up(args) => up(args).await,
         Cmd::Status { data_dir, json } => {
-            let rows = quire::status::collect(&data_dir).await?;
+            let report = quire::status::report(&data_dir).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", quire::status::table(&rows));
+                print!("{}", quire::status::table(&report.servers));
+                if let Some(fleet) = &report.fleet {
+                    print!("{}", quire::status::fleet_table(fleet));
+                }
             }
             Ok(())
         }
+        Cmd::Load(args) => quire_loadgen::live::run(args).await.map(drop),
+        Cmd::Simulate(args) => tokio::task::block_in_place(|| quire_autoscaler::sim::run(args)).map(drop),
+        Cmd::Autoscale(args) => quire_autoscaler::docker::run(args).await,
         Cmd::Health { url } => {
             let url = format!("{}/health", url.trim_end_matches('/'));
             let ok = reqwest::Client::new()
@@ -336,6 +434,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     browse_budget: args.browse_deadline,
                     buy_budget: args.buy_deadline,
                     lease_renew: args.lease_renew,
+                    capacity: args.common.capacity(),
                 };
                 quire_frontend::run(listener, config, quire_common::shutdown::signal())
             })
@@ -360,10 +459,24 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     opts.restock_amount = args.restock_amount;
     opts.restock_delay = args.restock_delay;
     opts.verbose = args.verbose;
-    if !args.no_autoscale {
-        tracing::info!("no autoscaler is built yet; tiers keep their initial size");
+    if args.profile == Profile::CloudSim {
+        let capacity = ["--profile".to_string(), "cloud-sim".into(), "--slots".into(), args.slots.to_string()];
+        for extra in [&mut opts.catalog_args, &mut opts.order_args, &mut opts.frontend_args] {
+            extra.extend(capacity.iter().cloned());
+        }
     }
-    let store = Store::launch(&opts)?;
+    let policy = quire_autoscaler::policy::by_name(&args.policy).with_context(|| {
+        format!("unknown policy {:?} (one of {})", args.policy, quire_autoscaler::policy::NAMES.join(", "))
+    })?;
+    let store = Arc::new(Store::launch(&opts)?);
+    let autoscale = args.profile == Profile::CloudSim && !args.no_autoscale;
+    if autoscale {
+        let costs = Costs { slots: args.slots.max(1), ..Costs::CLOUD_SIM };
+        let url = start_autoscaler(store.clone(), policy, costs, args.max_servers).await?;
+        println!("autoscaler ({}) at {url}/status", args.policy);
+    } else {
+        tracing::info!("autoscaler off: tiers keep their initial size");
+    }
     let edge = store.url("edge")?;
     let client = quire_common::client::http_client();
     let started = std::time::Instant::now();

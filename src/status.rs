@@ -6,6 +6,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use serde::Serialize;
 
+use quire_common::samples::FleetStatus;
 use quire_common::status::{Role, ServerStatus};
 
 use crate::supervisor::Layout;
@@ -23,6 +24,57 @@ pub struct Row {
     pub applied_index: u64,
     pub healthy: bool,
     pub ready: bool,
+}
+
+/// `quire status --json`: every server, and the autoscaler's view when one runs.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Report {
+    pub servers: Vec<Row>,
+    pub fleet: Option<FleetStatus>,
+}
+
+pub async fn report(data_dir: &Path) -> anyhow::Result<Report> {
+    let servers = collect(data_dir).await?;
+    let fleet = match Layout::load(data_dir)?.autoscaler {
+        Some(url) => {
+            let answer = quire_common::client::http_client()
+                .get(format!("{url}/status"))
+                .timeout(Duration::from_millis(800))
+                .send()
+                .await;
+            match answer {
+                Ok(r) if r.status().is_success() => r.json().await.ok(),
+                _ => None,
+            }
+        }
+        None => None,
+    };
+    Ok(Report { servers, fleet })
+}
+
+/// The autoscaler's part of the table: servers and server-seconds per tier.
+pub fn fleet_table(fleet: &FleetStatus) -> String {
+    let mut out = format!("\nautoscaler: policy {}\n", fleet.policy);
+    out += &format!(
+        "{:<9} {:>5} {:>7} {:>8} {:>9} {:>9} {:>7} {:>6} {:>8}\n",
+        "TIER", "READY", "BOOTING", "DRAINING", "SERVER-S", "ARRIVALS", "QUEUE", "DROPS", "P99-MS"
+    );
+    for (tier, f) in &fleet.tiers {
+        let s = f.sample.clone().unwrap_or_default();
+        out += &format!(
+            "{:<9} {:>5} {:>7} {:>8} {:>9.0} {:>8.1}/s {:>7} {:>6} {:>8.0}\n",
+            tier,
+            f.ready,
+            f.booting,
+            f.draining,
+            f.server_seconds,
+            s.arrival_rate,
+            s.queue_len,
+            s.drops(),
+            s.latency_ms.p99
+        );
+    }
+    out
 }
 
 pub async fn collect(data_dir: &Path) -> anyhow::Result<Vec<Row>> {

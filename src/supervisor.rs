@@ -87,6 +87,9 @@ pub struct Server {
 pub struct Layout {
     pub token: String,
     pub servers: Vec<Server>,
+    /// Base URL of the autoscaler's `/status`, when `quire up` runs one.
+    #[serde(default)]
+    pub autoscaler: Option<String>,
 }
 
 impl Layout {
@@ -249,7 +252,7 @@ pub fn plan(opts: &StoreOptions) -> anyhow::Result<Layout> {
         add(name, "frontend", u, args, vec![], None);
     }
     add("edge", "edge", &edge, balancer("edge", frontends.iter().map(|f| &f.1).collect()), vec![], None);
-    Ok(Layout { token, servers })
+    Ok(Layout { token, servers, autoscaler: None })
 }
 
 /// A running store: the children and the layout.
@@ -375,59 +378,104 @@ impl Store {
     /// a group; an operator adds it as a learner and changes membership).
     pub fn add_replica(&self, tier: &str, id: u64) -> anyhow::Result<String> {
         let name = format!("{tier}-{id}");
-        {
+        self.add_like(tier, &name, Some(id))?;
+        Ok(name)
+    }
+
+    /// Adds a new frontend `frontend-N` to the layout and starts it; it registers with the edge.
+    pub fn add_frontend(&self, n: u64) -> anyhow::Result<Server> {
+        self.add_like("frontend", &format!("frontend-{n}"), None)
+    }
+
+    /// Adds server `name` of `tier`, configured like the tier's first server but with its
+    /// own port, data directory, log file and (for a replica) Raft `id`, and starts it.
+    fn add_like(&self, tier: &str, name: &str, id: Option<u64>) -> anyhow::Result<Server> {
+        let server = {
             let mut layout = self.layout.lock().unwrap_or_else(|e| e.into_inner());
+            anyhow::ensure!(layout.get(name).is_none(), "{name} already exists");
             let template = layout
                 .servers
                 .iter()
                 .find(|s| s.tier == tier)
                 .cloned()
-                .with_context(|| format!("no {tier} replica to copy"))?;
+                .with_context(|| format!("no {tier} server to copy"))?;
             let old_url = template.url.clone();
             let old_dir = template.data_dir.clone().unwrap_or_default().to_string_lossy().to_string();
             let old_log = self.dir.join("logs").join(format!("{}.log", template.name)).to_string_lossy().to_string();
             let url = format!("http://127.0.0.1:{}", free_port()?);
-            let data = self.dir.join(&name);
+            let data = template.data_dir.is_some().then(|| self.dir.join(name));
             let new_log = self.dir.join("logs").join(format!("{name}.log")).to_string_lossy().to_string();
             let listen = url.trim_start_matches("http://").to_string();
             let old_listen = old_url.trim_start_matches("http://").to_string();
-            let args = template
+            let mut args = template
                 .args
                 .iter()
-                .map(|a| {
-                    if *a == old_url {
-                        url.clone()
-                    } else if *a == old_listen {
-                        listen.clone()
-                    } else if *a == old_dir {
-                        data.to_string_lossy().to_string()
-                    } else if *a == old_log {
-                        new_log.clone()
-                    } else if *a == template.name {
-                        name.clone()
-                    } else {
-                        a.clone()
+                .map(|a| match a {
+                    a if *a == old_url => url.clone(),
+                    a if *a == old_listen => listen.clone(),
+                    a if data.is_some() && *a == old_dir => {
+                        data.clone().unwrap_or_default().to_string_lossy().to_string()
                     }
+                    a if *a == old_log => new_log.clone(),
+                    a if *a == template.name => name.to_string(),
+                    a => a.clone(),
                 })
                 .collect::<Vec<_>>();
-            let mut args = args;
-            if let Some(i) = args.iter().position(|a| a == "--id") {
+            if let (Some(id), Some(i)) = (id, args.iter().position(|a| a == "--id")) {
                 args[i + 1] = id.to_string();
             }
-            layout.servers.push(Server {
-                name: name.clone(),
+            let server = Server {
+                name: name.to_string(),
                 tier: tier.into(),
                 url,
                 pid: None,
                 args,
                 first_start_args: vec![],
                 started: true,
-                data_dir: Some(data),
-            });
+                data_dir: data,
+            };
+            layout.servers.push(server.clone());
             layout.save(&self.dir)?;
+            server
+        };
+        let pid = self.spawn(name)?;
+        Ok(Server { pid: Some(pid), ..server })
+    }
+
+    /// Stops `name` for good: SIGTERM, SIGKILL after `grace`, then forgets it and deletes
+    /// its data. Not restarted: it is no longer a child.
+    pub fn remove(&self, name: &str, grace: Duration) -> anyhow::Result<()> {
+        let child = self.children.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        if let Some(mut child) = child {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let deadline = std::time::Instant::now() + grace;
+            while !matches!(child.try_wait(), Ok(Some(_))) {
+                if std::time::Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
-        self.spawn(&name)?;
-        Ok(name)
+        let server = {
+            let mut layout = self.layout.lock().unwrap_or_else(|e| e.into_inner());
+            let server = layout.get(name).cloned();
+            layout.servers.retain(|s| s.name != name);
+            layout.save(&self.dir)?;
+            server
+        };
+        if let Some(dir) = server.and_then(|s| s.data_dir).filter(|d| d.exists()) {
+            std::fs::remove_dir_all(dir)?;
+        }
+        Ok(())
+    }
+
+    /// Records where the autoscaler serves its `/status`, for `quire status` and `quire load`.
+    pub fn set_autoscaler(&self, url: Option<String>) -> anyhow::Result<()> {
+        let mut layout = self.layout.lock().unwrap_or_else(|e| e.into_inner());
+        layout.autoscaler = url;
+        layout.save(&self.dir)
     }
 
     /// Children that exited since the last call, with their status.

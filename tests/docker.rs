@@ -4,15 +4,24 @@
 //! cut off from its majority), and a replica replaced by a container with an empty volume.
 //! After the faults heal: every invariant of ARCHITECTURE.md §4, and converged digests.
 //!
+//! `containers_scale_out_and_in`: the autoscaler's Docker backend, driven from the host by a
+//! scripted policy, grows each tier by one container (a frontend that joins the edge, a
+//! learner per group that joins its group and its balancers' rotation) and shrinks it back.
+//!
 //! Needs a Docker engine and the `quire:latest` image (docker/build.sh). Without them the
 //! test says so and passes, unless QUIRE_REQUIRE_DOCKER=1, which makes it fail instead.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::{wait_for, Probe, Workload};
+use quire_autoscaler::docker::{Containers, UrlBy};
+use quire_autoscaler::live::{Autoscaler, Config};
+use quire_autoscaler::{Decision, Observation, Policy, TierKind};
+use quire_common::capacity::Costs;
 use quire_common::status::{Role, ServerStatus};
 
 const COMPOSE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docker/compose.sh");
@@ -255,4 +264,235 @@ async fn faults_across_containers() {
     probe.converge("catalog", &probe.catalog).await;
     probe.converge("order", &probe.order).await;
     probe.check_invariants(&report).await;
+}
+
+/// Asks for the targets the test sets, whatever the samples say.
+struct Scripted(std::sync::Arc<std::sync::Mutex<BTreeMap<TierKind, u32>>>);
+
+impl Policy for Scripted {
+    fn name(&self) -> &'static str {
+        "scripted"
+    }
+
+    fn decide(&mut self, obs: &Observation) -> Vec<Decision> {
+        let targets = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        targets.into_iter().filter_map(|(tier, target)| obs.tier(tier)?.resize(target)).collect()
+    }
+}
+
+/// An IPv4 subnet Docker has free now: it picks one for a throwaway network. Launched
+/// containers get fixed addresses (the host reaches them by address), which Docker allows
+/// only on a network created with an explicit subnet.
+fn free_subnet(stack: &Stack) -> String {
+    let probe = format!("{}_probe", stack.project);
+    stack.docker(&["network", "create", &probe]);
+    let subnet = stack.docker(&["network", "inspect", "-f", "{{(index .IPAM.Config 0).Subnet}}", &probe]);
+    stack.docker(&["network", "rm", &probe]);
+    subnet
+}
+
+/// The autoscaled containers of the stack: (name, tier, state).
+fn autoscaled(stack: &Stack) -> Vec<(String, String, String)> {
+    let out = stack.docker(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("label=com.docker.compose.project={}", stack.project),
+        "--filter",
+        "label=quire.autoscaled=true",
+        "--format",
+        "{{.Names}}\t{{.Label \"quire.tier\"}}\t{{.State}}",
+    ]);
+    out.lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t').map(str::to_string);
+            Some((f.next()?, f.next()?, f.next()?))
+        })
+        .collect()
+}
+
+async fn status_at(client: &reqwest::Client, url: &str) -> Option<ServerStatus> {
+    let answer = client.get(format!("{url}/status")).timeout(Duration::from_millis(500)).send().await.ok()?;
+    answer.error_for_status().ok()?.json().await.ok()
+}
+
+/// Learner ids of a group, as one of its voters sees the membership.
+async fn learners(client: &reqwest::Client, voter: &str) -> Option<Vec<u64>> {
+    let status = status_at(client, voter).await?;
+    serde_json::from_value(status.details.get("learners")?.clone()).ok()
+}
+
+/// The backends a balancer knows: (url, in rotation).
+async fn backends(client: &reqwest::Client, balancer: &str) -> Option<Vec<(String, bool)>> {
+    let status = status_at(client, balancer).await?;
+    let list = status.details.get("backends")?.as_array()?.iter();
+    Some(list.filter_map(|b| Some((b["url"].as_str()?.to_string(), b["in_rotation"].as_bool()?))).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn containers_scale_out_and_in() {
+    if !docker_ready() {
+        return;
+    }
+    let stack = Stack {
+        project: format!("quirescale{}", std::process::id()),
+        token: format!("token-{}", std::process::id()),
+        client: quire_common::client::http_client(),
+        dir: tempfile::tempdir().expect("tempdir"),
+    };
+    // The subnet is free when probed; if another stack takes it meanwhile, probe again.
+    let mut attempts = 0;
+    loop {
+        let override_yaml = format!(
+            "version: \"3.8\"\nnetworks:\n  default:\n    ipam:\n      config:\n        - subnet: {}\n",
+            free_subnet(&stack)
+        );
+        std::fs::write(stack.dir.path().join("override.yaml"), override_yaml).expect("override");
+        let up = stack.compose(&["up", "-d"]).output().expect("compose up");
+        if up.status.success() {
+            break;
+        }
+        attempts += 1;
+        assert!(attempts < 3, "compose up failed: {}", String::from_utf8_lossy(&up.stderr));
+        let _ = stack.compose(&["down", "-v", "--remove-orphans"]).output();
+    }
+    let edge = stack.edge();
+    wait_for("the stack to serve", Duration::from_secs(90), || {
+        let (client, url) = (stack.client.clone(), format!("{edge}/lookup/1"));
+        async move { client.get(url).send().await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+    })
+    .await;
+    stack.all_ready().await;
+
+    let began = Instant::now();
+    let edge_balancer = stack.url("edge");
+    let balancers = |tier: &str| (1..=2).map(|i| stack.url(&format!("{tier}-balancer-{i}"))).collect::<Vec<_>>();
+    let (catalog_balancers, order_balancers) = (balancers("catalog"), balancers("order"));
+    let voter = |tier: &str| stack.url(&format!("{tier}-1"));
+    let (catalog_voter, order_voter) = (voter("catalog"), voter("order"));
+    let targets = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::from([
+        (TierKind::Frontend, 3),
+        (TierKind::Catalog, 4),
+        (TierKind::Order, 4),
+    ])));
+    let config = Config {
+        policy: Box::new(Scripted(targets.clone())),
+        costs: Costs::CLOUD_SIM,
+        balancers: BTreeMap::from([
+            (TierKind::Frontend, vec![edge_balancer.clone()]),
+            (TierKind::Catalog, catalog_balancers.clone()),
+            (TierKind::Order, order_balancers.clone()),
+        ]),
+        token: stack.token.clone(),
+        bounds: BTreeMap::from([(TierKind::Frontend, (1, 6)), (TierKind::Catalog, (3, 6)), (TierKind::Order, (3, 6))]),
+        period: Duration::from_millis(500),
+        drain_grace: Duration::from_secs(1),
+    };
+    let backend = Containers::connect(&stack.project, UrlBy::Ip).await.expect("Docker engine");
+    let autoscaler = Autoscaler::new(backend, config).await.expect("autoscaler");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(autoscaler.clone().run(async move {
+        let _ = stopped.await;
+    }));
+
+    // Scale out: one more frontend and one learner per group, each in its own container.
+    let launched = wait_for("three running autoscaled containers", Duration::from_secs(60), || async {
+        let found = autoscaled(&stack);
+        (found.len() == 3 && found.iter().all(|(_, _, state)| state == "running")).then_some(found)
+    })
+    .await;
+    let mut tiers: Vec<&str> = launched.iter().map(|(_, tier, _)| tier.as_str()).collect();
+    tiers.sort();
+    assert_eq!(tiers, ["catalog", "frontend", "order"]);
+    let url_of = |name: &str| {
+        let ip = stack.docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", name]);
+        format!("http://{ip}:7000")
+    };
+    let new: BTreeMap<String, String> = launched.iter().map(|(name, tier, _)| (tier.clone(), url_of(name))).collect();
+    let node_id = |name: &str| -> u64 {
+        stack.docker(&["inspect", "-f", "{{index .Config.Labels \"quire.node-id\"}}", name]).parse().expect("node id")
+    };
+    let ids: BTreeMap<String, u64> = launched
+        .iter()
+        .filter(|(_, tier, _)| tier != "frontend")
+        .map(|(n, tier, _)| (tier.clone(), node_id(n)))
+        .collect();
+    let client = &stack.client;
+    for (tier, voter, balancers) in
+        [("catalog", &catalog_voter, &catalog_balancers), ("order", &order_voter, &order_balancers)]
+    {
+        let (id, url) = (ids[tier], &new[tier]);
+        wait_for(&format!("{tier} learner {id} in its group"), Duration::from_secs(30), || async {
+            learners(client, voter).await.filter(|l| l.contains(&id))
+        })
+        .await;
+        wait_for(&format!("{tier} learner {id} ready"), Duration::from_secs(30), || async {
+            status_at(client, url).await.filter(|s| s.ready)
+        })
+        .await;
+        for balancer in balancers {
+            wait_for(&format!("{tier} learner {id} in rotation at {balancer}"), Duration::from_secs(30), || async {
+                backends(client, balancer).await?.contains(&(url.clone(), true)).then_some(())
+            })
+            .await;
+        }
+    }
+    let frontend = &new["frontend"];
+    wait_for("the new frontend in the edge's rotation", Duration::from_secs(30), || async {
+        backends(client, &edge_balancer).await?.contains(&(frontend.clone(), true)).then_some(())
+    })
+    .await;
+    wait_for("the autoscaler to count every new server ready", Duration::from_secs(30), || async {
+        let fleet = autoscaler.status();
+        let ready = |tier: &str| fleet.tiers.get(tier).map(|t| (t.ready, t.booting));
+        (ready("frontend") == Some((3, 0)) && ready("catalog") == Some((4, 0)) && ready("order") == Some((4, 0)))
+            .then_some(())
+    })
+    .await;
+    let served = client.get(format!("{edge}/lookup/1")).send().await.expect("lookup through the edge");
+    assert!(served.status().is_success(), "the grown store serves: {}", served.status());
+    eprintln!("scaled out to 3 frontends, 4 catalog and 4 order replicas in {:.1?}", began.elapsed());
+
+    // Scale in to the floors: the launched servers drain, leave their groups, and go.
+    let scale_in = Instant::now();
+    *targets.lock().expect("targets") =
+        BTreeMap::from([(TierKind::Frontend, 2), (TierKind::Catalog, 3), (TierKind::Order, 3)]);
+    wait_for("the autoscaled containers to be removed", Duration::from_secs(60), || async {
+        autoscaled(&stack).is_empty().then_some(())
+    })
+    .await;
+    for (tier, voter, balancers) in
+        [("catalog", &catalog_voter, &catalog_balancers), ("order", &order_voter, &order_balancers)]
+    {
+        let (id, url) = (ids[tier], &new[tier]);
+        wait_for(&format!("{tier} learner {id} out of its group"), Duration::from_secs(30), || async {
+            learners(client, voter).await.filter(|l| !l.contains(&id))
+        })
+        .await;
+        for balancer in balancers {
+            wait_for(&format!("{balancer} to forget {url}"), Duration::from_secs(30), || async {
+                backends(client, balancer).await.filter(|b| !b.iter().any(|(u, _)| u == url))
+            })
+            .await;
+        }
+    }
+    wait_for("the edge to forget the frontend", Duration::from_secs(30), || async {
+        backends(client, &edge_balancer).await.filter(|b| !b.iter().any(|(u, _)| u == frontend))
+    })
+    .await;
+    // The fleet's counts are those of the last period.
+    wait_for("the autoscaler to count the floors, nothing draining", Duration::from_secs(10), || async {
+        let fleet = autoscaler.status();
+        let counts = |tier: &str| fleet.tiers.get(tier).map(|t| (t.ready, t.booting, t.draining));
+        [("frontend", 2), ("catalog", 3), ("order", 3)]
+            .iter()
+            .all(|(tier, n)| counts(tier) == Some((*n, 0, 0)))
+            .then_some(())
+    })
+    .await;
+    let served = client.get(format!("{edge}/lookup/1")).send().await.expect("lookup through the edge");
+    assert!(served.status().is_success(), "the shrunk store serves: {}", served.status());
+    eprintln!("scaled back in within {:.1?}", scale_in.elapsed());
+    let _ = stop.send(());
+    running.await.expect("the autoscaler's loop");
 }

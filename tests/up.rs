@@ -27,7 +27,8 @@ impl Drop for Up {
 
 fn status(dir: &std::path::Path) -> Option<Vec<Value>> {
     let out = Command::new(BIN).args(["status", "--json", "--data-dir"]).arg(dir).output().ok()?;
-    serde_json::from_slice(&out.stdout).ok()
+    let report: Value = serde_json::from_slice(&out.stdout).ok()?;
+    report["servers"].as_array().cloned()
 }
 
 fn alive(pid: u32) -> bool {

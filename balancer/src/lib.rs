@@ -1,22 +1,30 @@
 //! The tier balancer: one per tier (edge, catalog, order), stateless, so several may run.
 //!
 //! It keeps a registry of backends, beats each every 100 ms, and proxies every request that
-//! is not one of its own routes: reads round-robin over the backends in rotation, writes of
-//! the Raft tiers to the leader, retried elsewhere only when that is safe.
+//! is not one of its own routes: work (requests that occupy a backend's worker slot: all at
+//! the edge, reads, the order tier's buys) round-robin over the backends in rotation with a
+//! free slot, waiting in the tier's central queue when none has one; other writes of the Raft
+//! tiers to the leader; retried elsewhere only when that is safe. Every second it samples
+//! the tier for the autoscaler.
 //!
 //! # Layout
-//! - `registry`: the backends, their heartbeats and who is in rotation or leads.
+//! - `registry`: the backends, their heartbeats, slots, and who is in rotation or leads.
+//! - `queue`: the central queue: slots handed out in order, pre-drops, the service time.
 //! - `proxy`: the catch-all route that forwards, retries and follows leader hints.
+//! - `samples`: the per-second [`TierSample`]s and the last minute of them.
 //! - this file: configuration, the shared state, the balancer's own routes, `router`, `run`.
 //!
 //! # Routes
-//! `GET /health`, `GET /ready`, `GET /status`, `GET /metrics` and the token-guarded
+//! `GET /health`, `GET /ready`, `GET /status` (the last sample under `details.sample`),
+//! `GET /samples` (the last 60, oldest first), `GET /metrics` and the token-guarded
 //! `GET|POST|DELETE /admin/backends` are the balancer's own and shadow any backend route of
 //! the same path; everything else, unknown paths included, is forwarded, so a 404 for an
 //! unknown route comes from a backend.
 
 mod proxy;
+mod queue;
 mod registry;
+mod samples;
 
 use std::fmt;
 use std::future::Future;
@@ -32,12 +40,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use quire_common::http::{finish, guarded, Json, Token};
+use quire_common::samples::TierSample;
 use quire_common::status::{Role, ServerStatus};
 use quire_common::ApiError;
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
+use queue::Queue;
 use registry::Registry;
+use samples::Samples;
+pub use samples::SAMPLE_INTERVAL;
 
 /// The heartbeat period the architecture asks for (ARCHITECTURE.md §5).
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(100);
@@ -49,6 +61,17 @@ pub enum Tier {
     /// In front of a Raft group: reads round-robin, writes to the leader.
     Catalog,
     Order,
+}
+
+impl Tier {
+    /// The tier of the backends behind this balancer, as samples name it.
+    pub fn backends(&self) -> &'static str {
+        match self {
+            Tier::Edge => "frontend",
+            Tier::Catalog => "catalog",
+            Tier::Order => "order",
+        }
+    }
 }
 
 impl fmt::Display for Tier {
@@ -105,8 +128,11 @@ pub struct Shared {
     pub(crate) registry: Arc<Registry>,
     /// The one client for heartbeats and forwarding, so connections are pooled across both.
     pub(crate) client: reqwest::Client,
-    /// Round-robin cursor; wraps harmlessly.
+    /// Round-robin cursor of writes; wraps harmlessly. Work has the queue's own.
     turn: AtomicUsize,
+    /// Where work waits for a backend's slot.
+    pub(crate) queue: Arc<Queue>,
+    pub(crate) samples: Samples,
     pub(crate) stats: Stats,
 }
 
@@ -143,8 +169,11 @@ impl Balancer {
         let backends = config.backends.iter().filter_map(|url| {
             normalize(url).map_err(|_| warn!(backend = %url, "ignoring a backend that is not an http(s) base URL")).ok()
         });
+        let registry = Arc::new(Registry::new(backends));
         Balancer(Arc::new(Shared {
-            registry: Arc::new(Registry::new(backends)),
+            queue: Arc::new(Queue::new(registry.clone())),
+            samples: Samples::new(config.tier.backends()),
+            registry,
             name: config.name,
             tier: config.tier,
             url: config.advertise_url,
@@ -156,9 +185,31 @@ impl Balancer {
         }))
     }
 
-    /// Beats the backends forever; `run` spawns it and aborts it at shutdown.
+    /// Beats the backends forever; `run` spawns it and aborts it at shutdown. After each
+    /// round, waiting work goes to backends that joined rotation or offer more slots.
     pub fn heartbeats(&self) -> impl Future<Output = ()> + Send + 'static {
-        registry::heartbeats(self.registry.clone(), self.client.clone(), self.heartbeat)
+        let queue = self.queue.clone();
+        registry::heartbeats(self.registry.clone(), self.client.clone(), self.heartbeat, move || queue.dispatch())
+    }
+
+    /// Takes a [`TierSample`] every [`SAMPLE_INTERVAL`] forever; `run` spawns it and aborts
+    /// it at shutdown.
+    pub fn sampler(&self) -> impl Future<Output = ()> + Send + 'static {
+        let balancer = self.clone();
+        async move {
+            let start = tokio::time::Instant::now() + SAMPLE_INTERVAL;
+            let mut tick = tokio::time::interval_at(start, SAMPLE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                balancer.sample();
+            }
+        }
+    }
+
+    /// Closes the current sampling interval.
+    fn sample(&self) -> TierSample {
+        self.samples.tick(self.queue.load(), self.queue.pre_drops.load(Ordering::Relaxed))
     }
 
     fn next_turn(&self) -> usize {
@@ -190,6 +241,7 @@ pub fn router(state: Balancer) -> Router {
         .route("/health", get(|| async { axum::Json(json!({"ok": true})) }))
         .route("/ready", get(ready))
         .route("/status", get(status))
+        .route("/samples", get(samples))
         .route("/metrics", get(metrics))
         .with_state(state.clone())
         .merge(guarded(admin, state.token.clone()));
@@ -206,10 +258,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let balancer = Balancer::new(config);
     let beats = tokio::spawn(balancer.heartbeats());
+    let sampler = tokio::spawn(balancer.sampler());
     let addr = listener.local_addr().context("reading the listener's address")?;
     info!(%addr, tier = %balancer.tier, backends = balancer.registry.snapshot().len(), "balancer listening");
     let served = axum::serve(listener, router(balancer)).with_graceful_shutdown(shutdown).await;
     beats.abort();
+    sampler.abort();
     served.context("serving the balancer")
 }
 
@@ -235,9 +289,19 @@ async fn status(State(b): State<Balancer>) -> axum::Json<ServerStatus> {
             "requests": Stats::get(&b.stats.requests),
             "retries": Stats::get(&b.stats.retries),
             "failures": Stats::get(&b.stats.failures),
+            "pre_drops": b.queue.pre_drops.load(Ordering::Relaxed),
+            "after_drops": b.samples.after_drops.load(Ordering::Relaxed),
+            "queue_len": b.queue.load().queue_len,
+            "expected_service_ms": b.queue.expected_service().as_secs_f64() * 1000.0,
+            "sample": b.samples.last(),
         }),
         ..ServerStatus::default()
     })
+}
+
+/// The last minute of samples, oldest first.
+async fn samples(State(b): State<Balancer>) -> axum::Json<Vec<TierSample>> {
+    axum::Json(b.samples.history())
 }
 
 async fn metrics(State(b): State<Balancer>) -> Response {
@@ -245,14 +309,51 @@ async fn metrics(State(b): State<Balancer>) -> Response {
         ("quire_balancer_requests_total", "Requests received by the proxy route.", &b.stats.requests),
         ("quire_balancer_retries_total", "Attempts beyond the first, leader hops included.", &b.stats.retries),
         ("quire_balancer_failures_total", "Requests answered with the balancer's own error.", &b.stats.failures),
+        (
+            "quire_balancer_work_arrivals_total",
+            "Work requests (those that occupy a slot) received.",
+            &b.samples.arrivals,
+        ),
+        (
+            "quire_balancer_pre_drops_total",
+            "Work dropped in the queue as unable to meet its deadline.",
+            &b.queue.pre_drops,
+        ),
+        (
+            "quire_balancer_after_drops_total",
+            "Backends' dropped refusals passed on to clients.",
+            &b.samples.after_drops,
+        ),
     ];
     let mut text = String::new();
     for (name, help, counter) in counters {
         text += &format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", Stats::get(counter));
     }
-    let gauge = "quire_balancer_backends_in_rotation";
-    text +=
-        &format!("# HELP {gauge} Backends currently in rotation.\n# TYPE {gauge} gauge\n{gauge} {}\n", b.in_rotation());
+    let load = b.queue.load();
+    let last = b.samples.last().unwrap_or_default();
+    let gauges = [
+        ("quire_balancer_backends_in_rotation", "Backends currently in rotation.", f64::from(load.backends)),
+        ("quire_balancer_queue_length", "Work requests waiting for a slot.", f64::from(load.queue_len)),
+        (
+            "quire_balancer_busy_slots",
+            "Slots of backends in rotation held by this balancer's work.",
+            f64::from(load.busy_slots),
+        ),
+        (
+            "quire_balancer_total_slots",
+            "Slots of the backends in rotation (0 when unlimited).",
+            f64::from(load.total_slots),
+        ),
+        ("quire_balancer_arrival_rate", "Work requests per second over the last sample.", last.arrival_rate),
+        (
+            "quire_balancer_latency_p99_ms",
+            "99th percentile latency of the last sample's work, in ms.",
+            last.latency_ms.p99,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        text += &format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n");
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

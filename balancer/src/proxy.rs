@@ -1,16 +1,21 @@
 //! The catch-all route: forwards every request that is not the balancer's own to a backend.
 //!
-//! Reads go round-robin over the backends in rotation; writes of a Raft tier go to the leader,
-//! following `not_leader` hints. A failed attempt is repeated elsewhere only when that cannot
-//! apply the request twice: it never left (connection refused), a replica refused it as not
-//! leader, it is a read, or it carries an idempotency key. Otherwise the client learns that the
-//! outcome is unknown (STYLE.md, habit 6) rather than risking a second execution.
+//! Work (requests that occupy a backend's worker slot, see [`is_work`]: everything at the
+//! edge, reads, and the order tier's buys) goes round-robin over the backends in rotation
+//! that have a free slot, waiting in the tier's queue (`queue`) when none has. Other writes
+//! of a Raft tier go to the leader, following `not_leader` hints. A failed attempt is
+//! repeated elsewhere only when that cannot apply the request twice: it never left
+//! (connection refused), a replica refused it as not leader, it is a read, or it carries an
+//! idempotency key. Otherwise the client learns that the outcome is unknown (STYLE.md,
+//! habit 6) rather than risking a second execution. A backend's 503 `dropped` (it could not
+//! finish the request before its deadline) is passed on, never retried: no other backend
+//! could finish it either.
 //!
 //! Backend answers are buffered, not streamed: bodies are small JSON, and buffering lets a read
 //! whose answer breaks off midway be retried like any other failed read.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
@@ -22,6 +27,7 @@ use quire_common::error::ErrorBody;
 use quire_common::{headers, ApiError, Deadline};
 use tracing::{debug, warn};
 
+use crate::queue::{Slot, Want};
 use crate::{Balancer, Tier};
 
 /// Longest a single attempt may take, and the budget of a request without a deadline header.
@@ -49,10 +55,44 @@ struct Answer {
     body: Bytes,
 }
 
+/// A backend's answer passed on to the client, and what the sampling wants to know of it.
+struct Served {
+    response: Response,
+    /// How long the answering attempt took.
+    took: Duration,
+    /// The backend refused the request as `dropped` (an after-drop).
+    dropped: bool,
+}
+
+/// Whether a request occupies a worker slot of the backend serving it, and so goes through the
+/// tier's queue: everything a frontend serves; replicas' reads; and the order tier's buys,
+/// which any replica takes (it does the app work and forwards the write to its leader). Other
+/// writes of a Raft tier cost the leader a write's latency, not a slot, and bypass the queue.
+pub(crate) fn is_work(tier: Tier, method: &Method, path: &str) -> bool {
+    let read = method == Method::GET || method == Method::HEAD;
+    match tier {
+        Tier::Edge => true,
+        Tier::Catalog => read,
+        Tier::Order => read || (method == Method::POST && path == "/orders"),
+    }
+}
+
 pub async fn forward(balancer: Balancer, request: Request) -> Response {
+    let arrived = Instant::now();
     balancer.stats.count(&balancer.stats.requests);
-    match attempt_all(&balancer, request).await {
-        Ok(response) => response,
+    let work = is_work(balancer.tier, request.method(), request.uri().path());
+    if work {
+        balancer.samples.arrived();
+    }
+    match attempt_all(&balancer, request, work).await {
+        Ok(served) => {
+            if served.dropped {
+                balancer.samples.after_dropped();
+            } else if work {
+                balancer.samples.completed(arrived.elapsed(), served.took);
+            }
+            served.response
+        }
         Err(error) => {
             balancer.stats.count(&balancer.stats.failures);
             error.into_response()
@@ -60,7 +100,7 @@ pub async fn forward(balancer: Balancer, request: Request) -> Response {
     }
 }
 
-async fn attempt_all(balancer: &Balancer, request: Request) -> Result<Response, ApiError> {
+async fn attempt_all(balancer: &Balancer, request: Request, work: bool) -> Result<Served, ApiError> {
     let (parts, body) = request.into_parts();
     let deadline = Deadline::from_headers(&parts.headers);
     if deadline.is_some_and(|d| d.expired()) {
@@ -78,16 +118,14 @@ async fn attempt_all(balancer: &Balancer, request: Request) -> Result<Response, 
     let mut outgoing = parts.headers;
     strip_hop_by_hop(&mut outgoing);
 
-    let mut plan = candidates(balancer, !is_read && balancer.tier != Tier::Edge);
-    let mut tried: Vec<String> = Vec::with_capacity(plan.len());
+    // Work never goes to the leader first; every non-work request is a Raft tier's write.
+    let mut route = Route::new(balancer, work, deadline);
+    let mut tried: Vec<String> = Vec::new();
     let mut hops = 0;
     // A write sent to a backend that then went silent may have been carried out: if no
     // later attempt answers, the outcome is unknown, never "unavailable".
     let mut maybe_delivered = false;
-    while let Some(target) = plan.pop_front() {
-        if tried.contains(&target) {
-            continue;
-        }
+    while let Some((target, slot)) = route.next(&tried).await? {
         if !tried.is_empty() {
             balancer.stats.count(&balancer.stats.retries);
         }
@@ -103,7 +141,11 @@ async fn attempt_all(balancer: &Balancer, request: Request) -> Result<Response, 
         let timeout = if repeatable && balancer.tier != Tier::Edge { timeout.min(ATTEMPT_TIMEOUT) } else { timeout };
         let url = format!("{target}{path}");
         let request = balancer.client.request(parts.method.clone(), url).headers(outgoing.clone()).body(body.clone());
+        let started = Instant::now();
         let outcome = send(request.timeout(timeout)).await;
+        let took = started.elapsed();
+        // The backend is done with the request either way: its slot goes to the next waiter.
+        drop(slot);
         let target = target.as_str();
         match outcome {
             Ok(answer) => {
@@ -111,15 +153,22 @@ async fn attempt_all(balancer: &Balancer, request: Request) -> Result<Response, 
                     // A replica that is not the leader applied nothing: go where it points, or on.
                     if let Some(leader) = hint.filter(|_| hops < MAX_HINT_HOPS) {
                         hops += 1;
-                        plan.push_front(leader);
+                        route.follow(leader);
                     }
                     continue;
+                }
+                // The backend could not finish it in time; neither could another: pass it on.
+                if is_dropped(&answer) {
+                    return Ok(Served { response: answer.into_response(target), took, dropped: true });
                 }
                 let overloaded = matches!(answer.status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE);
                 if repeatable && overloaded {
                     continue;
                 }
-                return Ok(answer.into_response(target));
+                if work && !answer.status.is_server_error() {
+                    balancer.queue.served(took);
+                }
+                return Ok(Served { response: answer.into_response(target), took, dropped: false });
             }
             Err(e) if e.is_connect() => {
                 debug!(backend = target, error = %e, "backend refused the connection; trying the next");
@@ -147,15 +196,63 @@ async fn attempt_all(balancer: &Balancer, request: Request) -> Result<Response, 
     Err(ApiError::unavailable("no backend of this tier could serve the request"))
 }
 
-/// Backends to try in order: the leader first for a write, then every backend in rotation,
+/// Where a request's attempts go, one after the other.
+///
+/// Work takes a slot from the tier's queue for every attempt, on a backend not tried yet (or
+/// on the leader a `not_leader` hint names). Other requests (a Raft tier's writes) go to the
+/// leader first, then to every backend in rotation from the round-robin cursor, as planned
+/// when they arrive.
+struct Route<'a> {
+    balancer: &'a Balancer,
+    work: bool,
+    deadline: Option<Deadline>,
+    /// Targets to try before any other: leaders named by hints, then (writes only) the plan.
+    plan: VecDeque<String>,
+}
+
+impl<'a> Route<'a> {
+    fn new(balancer: &'a Balancer, work: bool, deadline: Option<Deadline>) -> Self {
+        let plan = if work { VecDeque::new() } else { candidates(balancer) };
+        Route { balancer, work, deadline, plan }
+    }
+
+    /// Tries `leader` next.
+    fn follow(&mut self, leader: String) {
+        self.plan.push_front(leader);
+    }
+
+    /// The next target not in `tried`, with its slot for work; `None` when none is left.
+    async fn next(&mut self, tried: &[String]) -> Result<Option<(String, Option<Slot>)>, ApiError> {
+        let queue = &self.balancer.queue;
+        while let Some(target) = self.plan.pop_front() {
+            if tried.contains(&target) {
+                continue;
+            }
+            // A leader this balancer does not know has no slots it could count: go straight.
+            if !self.work || self.balancer.registry.find(&target).is_none() {
+                return Ok(Some((target, None)));
+            }
+            if let Some(slot) = queue.acquire(Want::only(&target), self.deadline, true).await? {
+                return Ok(Some((target, Some(slot))));
+            }
+            // The hinted leader is out of rotation: any other backend will do.
+        }
+        if !self.work {
+            return Ok(None);
+        }
+        let retry = !tried.is_empty();
+        let slot = queue.acquire(Want::any_but(tried), self.deadline, retry).await?;
+        Ok(slot.map(|slot| (slot.url().to_string(), Some(slot))))
+    }
+}
+
+/// Backends to try in order for a write: the leader first, then every backend in rotation,
 /// starting at the round-robin cursor.
-fn candidates(balancer: &Balancer, to_leader: bool) -> VecDeque<String> {
+fn candidates(balancer: &Balancer) -> VecDeque<String> {
     let backends = balancer.registry.snapshot();
     let live: Vec<&str> = backends.iter().filter(|b| b.in_rotation()).map(|b| b.url.as_str()).collect();
     let mut plan = VecDeque::with_capacity(live.len() + 1);
-    if to_leader {
-        plan.extend(balancer.registry.leader().map(|l| l.to_string()));
-    }
+    plan.extend(balancer.registry.leader().map(|l| l.to_string()));
     if !live.is_empty() {
         let start = balancer.next_turn() % live.len();
         plan.extend(live[start..].iter().chain(&live[..start]).map(|u| u.to_string()));
@@ -183,6 +280,12 @@ fn not_leader(answer: &Answer) -> Option<Option<String>> {
     }
     let hint = answer.headers.get(headers::LEADER).and_then(|v| v.to_str().ok());
     Some(hint.map(|h| h.trim_end_matches('/').to_string()).filter(|h| !h.is_empty()))
+}
+
+/// True if the answer is a backend's 503 `dropped`: it could not finish the request in time.
+fn is_dropped(answer: &Answer) -> bool {
+    answer.status == StatusCode::SERVICE_UNAVAILABLE
+        && serde_json::from_slice::<ErrorBody>(&answer.body).is_ok_and(|body| body.error == "dropped")
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {

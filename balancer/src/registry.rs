@@ -2,11 +2,11 @@
 //!
 //! Routing reads the registry on every request, while it changes only when a backend is added
 //! or removed, so the list is an immutable snapshot behind a lock held just long enough to
-//! copy an `Arc`. Each backend's rotation flag is an atomic that routing reads without a lock;
-//! its last `/status` sits behind a mutex that only heartbeats and `/status` touch. No lock is
-//! ever held across an `.await`.
+//! copy an `Arc`. Each backend's rotation flag, worker slots and work in flight are atomics
+//! that routing reads without a lock; its last `/status` sits behind a mutex that only
+//! heartbeats and `/status` touch. No lock is ever held across an `.await`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,15 @@ pub struct Backend {
     pub url: String,
     /// The last beat succeeded with `ready` and nothing has refused a connection since.
     in_rotation: AtomicBool,
+    /// Worker slots the backend last reported; 0 when it reported none (unlimited).
+    slots: AtomicU32,
+    /// Work requests this balancer has sent and not yet seen answered. Raised only under the
+    /// queue's lock (`queue::Queue`), so a dispatch decision and its count agree; lowered by a
+    /// finishing request's `Slot`.
+    in_flight: AtomicU32,
+    /// How long one request holds a slot, in milliseconds, as the backend last said; 0 when
+    /// it said nothing (a slot is then held until the answer).
+    work_ms: AtomicU64,
     beat: Mutex<Beat>,
 }
 
@@ -36,11 +45,47 @@ struct Beat {
 impl Backend {
     fn new(url: String) -> Self {
         // Out of rotation until a first beat proves it alive and ready.
-        Backend { url, in_rotation: AtomicBool::new(false), beat: Mutex::default() }
+        Backend {
+            url,
+            in_rotation: AtomicBool::new(false),
+            slots: AtomicU32::new(0),
+            in_flight: AtomicU32::new(0),
+            work_ms: AtomicU64::new(0),
+            beat: Mutex::default(),
+        }
     }
 
     pub fn in_rotation(&self) -> bool {
         self.in_rotation.load(Ordering::Relaxed)
+    }
+
+    /// Worker slots the backend offers, `None` when unlimited.
+    pub fn slots(&self) -> Option<u32> {
+        Some(self.slots.load(Ordering::Relaxed)).filter(|&n| n > 0)
+    }
+
+    /// How long a request holds one of this backend's slots, if the backend said.
+    pub fn work_time(&self) -> Option<Duration> {
+        Some(self.work_ms.load(Ordering::Relaxed)).filter(|&ms| ms > 0).map(Duration::from_millis)
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// One more work request is on its way to the backend.
+    pub(crate) fn occupy(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A work request the backend had has finished.
+    pub(crate) fn release(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// True while this balancer may send the backend one more work request.
+    pub fn has_free_slot(&self) -> bool {
+        self.slots().is_none_or(|n| self.in_flight() < n)
     }
 
     fn beat(&self) -> MutexGuard<'_, Beat> {
@@ -58,6 +103,9 @@ impl Backend {
                 Ok(status) => {
                     beat.last_ok = Some(now);
                     let ready = status.ready;
+                    // A server with slots has at least one, as `capacity::Workers` counts them.
+                    self.slots.store(status.slots.map_or(0, |n| n.max(1)), Ordering::Relaxed);
+                    self.work_ms.store(status.work_ms.unwrap_or(0), Ordering::Relaxed);
                     beat.status = Some(status);
                     Some((ready, if ready { "ready" } else { "not ready" }))
                 }
@@ -98,6 +146,8 @@ impl Backend {
             "ready": status.is_some_and(|s| s.ready),
             "role": status.map(|s| s.role.clone()).unwrap_or_default(),
             "term": status.map_or(0, |s| s.term),
+            "slots": self.slots(),
+            "in_flight": self.in_flight(),
             "name": status.map(|s| s.name.clone()),
             "last_beat_ms_ago": beat.last_ok.map(|t| t.elapsed().as_millis() as u64),
         })
@@ -176,12 +226,19 @@ impl Registry {
     }
 }
 
-/// Beats every backend each `period`, concurrently, until the task is aborted.
+/// Beats every backend each `period`, concurrently, until the task is aborted; calls
+/// `after_round` after each round, so that waiting work can go to backends that just joined
+/// rotation or reported more slots.
 ///
 /// A beat times out after 9/10 of the period so that a round never overlaps the next; a
 /// backend silent for 2.5 periods leaves rotation, so with the default 100 ms a dead backend
 /// is out within 300 ms even when its port still accepts connections.
-pub async fn heartbeats(registry: Arc<Registry>, client: reqwest::Client, period: Duration) {
+pub async fn heartbeats(
+    registry: Arc<Registry>,
+    client: reqwest::Client,
+    period: Duration,
+    after_round: impl Fn() + Send + 'static,
+) {
     let timeout = period * 9 / 10;
     let silence = period * 5 / 2;
     let mut tick = tokio::time::interval(period);
@@ -198,5 +255,6 @@ pub async fn heartbeats(registry: Arc<Registry>, client: reqwest::Client, period
         }))
         .await;
         registry.elect_leader();
+        after_round();
     }
 }

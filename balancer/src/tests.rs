@@ -3,11 +3,11 @@
 // A failed unwrap is a failed test, which is what a test wants.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use axum::http::Method;
+use axum::http::{HeaderMap, Method, Uri};
 use quire_common::{headers, Deadline};
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -31,7 +31,18 @@ struct Knobs {
     mute: AtomicBool,
     /// Forwarded requests received (beats excluded).
     hits: AtomicUsize,
+    /// Worker slots reported in `/status`; 0 reports none (unlimited).
+    slots: AtomicU32,
+    /// How long each forwarded request takes.
+    work_ms: AtomicU64,
+    /// Forwarded requests being worked on now, and the most at once.
+    active: AtomicUsize,
+    max_active: AtomicUsize,
 }
+
+/// A request carrying this header is refused with 503 `dropped`, as a backend that cannot
+/// finish it in time would.
+const REFUSE: &str = "x-test-refuse";
 
 struct TestBackend {
     url: String,
@@ -50,6 +61,10 @@ impl TestBackend {
             hang: AtomicBool::new(false),
             mute: AtomicBool::new(false),
             hits: AtomicUsize::new(0),
+            slots: AtomicU32::new(0),
+            work_ms: AtomicU64::new(0),
+            active: AtomicUsize::new(0),
+            max_active: AtomicUsize::new(0),
         });
         let status_knobs = knobs.clone();
         let app = Router::new()
@@ -66,6 +81,7 @@ impl TestBackend {
                             role: k.role.lock().unwrap().clone(),
                             ready: k.ready.load(Ordering::SeqCst),
                             term: 7,
+                            slots: Some(k.slots.load(Ordering::SeqCst)).filter(|&n| n > 0),
                             ..ServerStatus::default()
                         })
                     }
@@ -73,15 +89,24 @@ impl TestBackend {
             )
             .fallback({
                 let k = knobs.clone();
-                move |method: Method| async move {
+                move |method: Method, uri: Uri, headers: HeaderMap| async move {
                     k.hits.fetch_add(1, Ordering::SeqCst);
                     let hint = k.hint.lock().unwrap().clone();
-                    if method != Method::GET && *k.role.lock().unwrap() != Role::Leader {
+                    // Any replica takes a buy and forwards its write to the leader itself.
+                    let buy = method == Method::POST && uri.path() == "/orders";
+                    if method != Method::GET && !buy && *k.role.lock().unwrap() != Role::Leader {
                         return ApiError::not_leader(hint).into_response();
+                    }
+                    if headers.contains_key(REFUSE) {
+                        return ApiError::dropped("cannot finish in time").into_response();
                     }
                     if k.hang.load(Ordering::SeqCst) {
                         std::future::pending::<()>().await;
                     }
+                    let active = k.active.fetch_add(1, Ordering::SeqCst) + 1;
+                    k.max_active.fetch_max(active, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(k.work_ms.load(Ordering::SeqCst))).await;
+                    k.active.fetch_sub(1, Ordering::SeqCst);
                     axum::Json(json!({"backend": k.name})).into_response()
                 }
             });
@@ -103,6 +128,16 @@ impl TestBackend {
 
     fn hits(&self) -> usize {
         self.knobs.hits.load(Ordering::SeqCst)
+    }
+
+    /// Reports `slots` worker slots and spends `work_ms` on each forwarded request.
+    fn emulate(&self, slots: u32, work_ms: u64) {
+        self.knobs.slots.store(slots, Ordering::SeqCst);
+        self.knobs.work_ms.store(work_ms, Ordering::SeqCst);
+    }
+
+    fn max_active(&self) -> usize {
+        self.knobs.max_active.load(Ordering::SeqCst)
     }
 }
 
@@ -128,13 +163,18 @@ async fn balancer_status(balancer: &str) -> Value {
 
 /// Polls the balancer's `/status` until `check` holds; panics with the last status after 3 s.
 async fn wait_for(balancer: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(3);
+    poll(&format!("{balancer}/status"), Duration::from_secs(3), what, check).await
+}
+
+/// Polls `url` (a JSON route) until `check` holds; panics with the last answer after `within`.
+async fn poll(url: &str, within: Duration, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + within;
     loop {
-        let status = balancer_status(balancer).await;
-        if check(&status) {
-            return status;
+        let answer: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        if check(&answer) {
+            return answer;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}; last status: {status:#}");
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; last answer: {answer:#}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -224,7 +264,7 @@ async fn beats_decide_rotation() {
 }
 
 #[tokio::test]
-async fn writes_go_to_the_leader() {
+async fn buys_go_round_robin_and_other_writes_to_the_leader() {
     let f1 = TestBackend::start("f1", Role::Follower).await;
     let leader = TestBackend::start("l", Role::Leader).await;
     let f2 = TestBackend::start("f2", Role::Follower).await;
@@ -232,10 +272,18 @@ async fn writes_go_to_the_leader() {
     wait_for(&balancer, "the leader", |s| s["details"]["leader"] == leader.url.as_str() && rotation(s).len() == 3)
         .await;
     let client = reqwest::Client::new();
-    for _ in 0..4 {
-        assert_eq!(send(client.post(format!("{balancer}/orders"))).await, (200, leader.url.clone()));
+    let mut served_by = Vec::new();
+    for _ in 0..6 {
+        let (code, backend) =
+            send(client.post(format!("{balancer}/orders")).header(headers::IDEMPOTENCY_KEY, "k")).await;
+        assert_eq!(code, 200);
+        served_by.push(backend);
     }
-    assert_eq!((f1.hits(), leader.hits(), f2.hits()), (0, 4, 0));
+    assert_eq!((f1.hits(), leader.hits(), f2.hits()), (2, 2, 2), "buys served by {served_by:?}");
+    for _ in 0..3 {
+        assert_eq!(send(client.post(format!("{balancer}/orders/1/cancel"))).await, (200, leader.url.clone()));
+    }
+    assert_eq!((f1.hits(), leader.hits(), f2.hits()), (2, 5, 2));
 }
 
 #[tokio::test]
@@ -287,7 +335,9 @@ async fn expired_deadline_is_not_forwarded() {
 async fn hung_write_without_key_is_not_retried() {
     let leader = TestBackend::start("l", Role::Leader).await;
     let follower = TestBackend::start("f", Role::Follower).await;
+    // A buy may go to either replica: both hang.
     leader.knobs.hang.store(true, Ordering::SeqCst);
+    follower.knobs.hang.store(true, Ordering::SeqCst);
     let balancer = start_balancer(Tier::Order, &[&leader, &follower]).await;
     wait_for(&balancer, "the leader", |s| s["details"]["leader"] == leader.url.as_str() && rotation(s).len() == 2)
         .await;
@@ -302,5 +352,168 @@ async fn hung_write_without_key_is_not_retried() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "deadline_exceeded");
     assert!(body["message"].as_str().unwrap().contains("unknown"), "{body}");
-    assert_eq!((leader.hits(), follower.hits()), (1, 0));
+    assert_eq!(leader.hits() + follower.hits(), 1);
+}
+
+/// Two replicas of one slot each, `work_ms` per request, behind a catalog balancer that knows
+/// their slots.
+async fn slotted_pair(work_ms: u64) -> (Vec<TestBackend>, String) {
+    let b: Vec<_> = futures::future::join_all(["a", "b"].map(|n| TestBackend::start(n, Role::Follower))).await;
+    for backend in &b {
+        backend.emulate(1, work_ms);
+    }
+    let balancer = start_balancer(Tier::Catalog, &[&b[0], &b[1]]).await;
+    wait_for(&balancer, "2 slotted backends in rotation", |s| {
+        let backends = s["details"]["backends"].as_array().cloned().unwrap_or_default();
+        rotation(s).len() == 2 && backends.iter().all(|b| b["slots"] == 1)
+    })
+    .await;
+    (b, balancer)
+}
+
+/// Sends `n` reads at once, each with `deadline_ms` if given; returns their tasks.
+fn burst(balancer: &str, n: usize, deadline_ms: Option<u64>) -> Vec<JoinHandle<(u16, Value)>> {
+    (0..n)
+        .map(|_| {
+            let url = format!("{balancer}/books/1");
+            tokio::spawn(async move {
+                let mut request = reqwest::Client::new().get(url);
+                if let Some(ms) = deadline_ms {
+                    request =
+                        request.header(headers::DEADLINE, Deadline::after(Duration::from_millis(ms)).header_value());
+                }
+                let response = request.send().await.unwrap();
+                (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+            })
+        })
+        .collect()
+}
+
+async fn answers(tasks: Vec<JoinHandle<(u16, Value)>>) -> Vec<(u16, Value)> {
+    futures::future::join_all(tasks).await.into_iter().map(Result::unwrap).collect()
+}
+
+#[tokio::test]
+async fn work_waits_in_the_queue_for_a_free_slot() {
+    let (b, balancer) = slotted_pair(200).await;
+    let started = Instant::now();
+    let tasks = burst(&balancer, 8, None);
+    wait_for(&balancer, "a queue", |s| s["details"]["queue_len"].as_u64() > Some(0)).await;
+    let answers = answers(tasks).await;
+    assert!(answers.iter().all(|(code, _)| *code == 200), "{answers:?}");
+    // One slot each: 8 requests of 200 ms on 2 backends take 4 rounds.
+    assert!(started.elapsed() >= Duration::from_millis(750), "took {:?}", started.elapsed());
+    assert_eq!((b[0].max_active(), b[1].max_active()), (1, 1));
+    assert_eq!(b[0].hits() + b[1].hits(), 8);
+    assert!(b[0].hits() >= 2 && b[1].hits() >= 2, "{} and {}", b[0].hits(), b[1].hits());
+    let status = wait_for(&balancer, "an empty queue", |s| s["details"]["queue_len"] == 0).await;
+    assert_eq!(status["details"]["pre_drops"], 0);
+}
+
+#[tokio::test]
+async fn hopeless_work_is_dropped_before_reaching_a_backend() {
+    let (b, balancer) = slotted_pair(200).await;
+    // Learn the service time (about 200 ms).
+    for (code, _) in answers(burst(&balancer, 2, None)).await {
+        assert_eq!(code, 200);
+    }
+    let status = balancer_status(&balancer).await;
+    assert!(status["details"]["expected_service_ms"].as_f64() > Some(150.0), "{status:#}");
+
+    // Both slots busy; a request with 100 ms left cannot be served in time.
+    let busy = burst(&balancer, 2, None);
+    wait_for(&balancer, "both slots busy", |s| {
+        s["details"]["backends"].as_array().is_some_and(|bs| bs.iter().all(|b| b["in_flight"] == 1))
+    })
+    .await;
+    let hits = b[0].hits() + b[1].hits();
+    let sent = Instant::now();
+    let hopeless = answers(burst(&balancer, 1, Some(100))).await;
+    assert_eq!(hopeless[0].0, 503);
+    assert_eq!(hopeless[0].1["error"], "dropped");
+    // Dropped at once, not after waiting for a slot.
+    assert!(sent.elapsed() < Duration::from_millis(100), "dropped after {:?}", sent.elapsed());
+    assert_eq!(b[0].hits() + b[1].hits(), hits, "a backend saw the dropped request");
+    assert!(answers(busy).await.iter().all(|(code, _)| *code == 200));
+    let status = balancer_status(&balancer).await;
+    assert_eq!(status["details"]["pre_drops"], 1);
+}
+
+#[tokio::test]
+async fn after_drop_is_passed_on_not_retried() {
+    let b: Vec<_> = futures::future::join_all(["a", "b"].map(|n| TestBackend::start(n, Role::Follower))).await;
+    let balancer = start_balancer(Tier::Catalog, &[&b[0], &b[1]]).await;
+    wait_for(&balancer, "2 in rotation", |s| rotation(s).len() == 2).await;
+    let response = reqwest::Client::new().get(format!("{balancer}/books/1")).header(REFUSE, "1").send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.json::<Value>().await.unwrap()["error"], "dropped");
+    assert_eq!(b[0].hits() + b[1].hits(), 1, "the dropped read was retried");
+    let status = balancer_status(&balancer).await;
+    assert_eq!((&status["details"]["after_drops"], &status["details"]["retries"]), (&json!(1), &json!(0)));
+}
+
+#[tokio::test]
+async fn unlimited_backends_take_everything_at_once() {
+    let b: Vec<_> = futures::future::join_all(["a", "b"].map(|n| TestBackend::start(n, Role::Follower))).await;
+    for backend in &b {
+        backend.emulate(0, 200);
+    }
+    let balancer = start_balancer(Tier::Edge, &[&b[0], &b[1]]).await;
+    wait_for(&balancer, "2 in rotation", |s| rotation(s).len() == 2).await;
+    let started = Instant::now();
+    let answers = answers(burst(&balancer, 10, None)).await;
+    assert!(answers.iter().all(|(code, _)| *code == 200), "{answers:?}");
+    assert!(started.elapsed() < Duration::from_millis(750), "took {:?}", started.elapsed());
+    assert_eq!((b[0].hits(), b[1].hits()), (5, 5));
+    assert!(b[0].max_active() > 1 && b[1].max_active() > 1);
+}
+
+#[tokio::test]
+async fn samples_show_a_burst() {
+    let (_b, balancer) = slotted_pair(100).await;
+    // About 1.2 s of work for two slots: the queue outlives at least one sampling tick.
+    let queued = burst(&balancer, 24, None);
+    wait_for(&balancer, "a queue", |s| s["details"]["queue_len"].as_u64() > Some(2)).await;
+    // Behind that queue, 50 ms is hopeless.
+    let hopeless = burst(&balancer, 3, Some(50));
+    let refused: Vec<_> = (0..2)
+        .map(|_| {
+            let url = format!("{balancer}/books/2");
+            tokio::spawn(
+                async move { reqwest::Client::new().get(url).header(REFUSE, "1").send().await.unwrap().status() },
+            )
+        })
+        .collect();
+    assert!(answers(hopeless).await.iter().all(|(code, body)| *code == 503 && body["error"] == "dropped"));
+    for status in futures::future::join_all(refused).await {
+        assert_eq!(status.unwrap(), 503);
+    }
+    assert!(answers(queued).await.iter().all(|(code, _)| *code == 200));
+
+    let sum = |samples: &Value, field: &str| -> u64 {
+        samples.as_array().unwrap().iter().map(|s| s[field].as_u64().unwrap()).sum()
+    };
+    let samples = poll(&format!("{balancer}/samples"), Duration::from_secs(5), "the burst's samples", |s| {
+        sum(s, "arrivals") == 29 && sum(s, "completed") == 24 && sum(s, "after_drops") == 2
+    })
+    .await;
+    let samples = samples.as_array().unwrap();
+    assert_eq!(sum(&Value::from(samples.clone()), "pre_drops"), 3);
+    let during: Vec<_> = samples.iter().filter(|s| s["arrivals"].as_u64() > Some(0)).collect();
+    assert!(during.iter().all(|s| s["tier"] == "catalog" && s["total_slots"] == 2 && s["backends"] == 2));
+    assert!(samples.iter().any(|s| s["queue_len"].as_u64() > Some(0)), "{samples:#?}");
+    let busiest = samples.iter().max_by_key(|s| s["completed"].as_u64()).unwrap();
+    let latency = &busiest["latency_ms"];
+    assert!(latency["p50"].as_f64() >= Some(100.0), "{busiest:#}");
+    assert!(latency["p50"].as_f64() <= latency["p99"].as_f64() && latency["p99"].as_f64() <= latency["max"].as_f64());
+    assert!(busiest["mean_service_ms"].as_f64() >= Some(100.0), "{busiest:#}");
+
+    let status = balancer_status(&balancer).await;
+    assert_eq!(status["details"]["sample"]["tier"], "catalog");
+    let metrics = reqwest::get(format!("{balancer}/metrics")).await.unwrap().text().await.unwrap();
+    for line in
+        ["quire_balancer_pre_drops_total 3", "quire_balancer_after_drops_total 2", "quire_balancer_total_slots 2"]
+    {
+        assert!(metrics.contains(line), "{line} missing from {metrics}");
+    }
 }

@@ -55,7 +55,9 @@ async fn lookup(
     headers: HeaderMap,
 ) -> Result<axum::Json<VersionedBook>, ApiError> {
     let id = parse_id(&id)?;
-    c.replica.read_barrier(Deadline::from_headers_or(&headers, DEFAULT_BUDGET)).await?;
+    let deadline = Deadline::from_headers_or(&headers, DEFAULT_BUDGET);
+    c.replica.workers.read_work(deadline).await?;
+    c.replica.read_barrier(deadline).await?;
     let book = c
         .replica
         .reads
@@ -86,7 +88,9 @@ async fn topic(
     headers: HeaderMap,
 ) -> Result<axum::Json<TopicResults>, ApiError> {
     check_topic(&topic)?;
-    c.replica.read_barrier(Deadline::from_headers_or(&headers, DEFAULT_BUDGET)).await?;
+    let deadline = Deadline::from_headers_or(&headers, DEFAULT_BUDGET);
+    c.replica.workers.read_work(deadline).await?;
+    c.replica.read_barrier(deadline).await?;
     let t = topic.clone();
     let items = c
         .replica
@@ -143,7 +147,9 @@ async fn search(
             ApiError::bad_request("invalid_query", "cursor must be the next_cursor of a previous page")
         })?,
     };
-    c.replica.read_barrier(Deadline::from_headers_or(&headers, DEFAULT_BUDGET)).await?;
+    let deadline = Deadline::from_headers_or(&headers, DEFAULT_BUDGET);
+    c.replica.workers.read_work(deadline).await?;
+    c.replica.read_barrier(deadline).await?;
     let mut items = c
         .replica
         .reads

@@ -37,6 +37,13 @@ impl Deadline {
         Self::from_headers(headers).map_or(fallback, |d| d.min(fallback))
     }
 
+    /// A public request's deadline: the client's own (`x-quire-deadline`), never more than
+    /// `max` away, or `budget` from now when it gave none.
+    pub fn for_client(headers: &HeaderMap, budget: Duration, max: Duration) -> Self {
+        let cap = Self::after(max);
+        Self::from_headers(headers).map_or_else(|| Self::after(budget), |d| d.min(cap))
+    }
+
     pub fn remaining(&self) -> Duration {
         Duration::from_millis(self.at_ms.saturating_sub(now_ms()))
     }
@@ -64,6 +71,21 @@ mod tests {
         let capped = Deadline::from_headers_or(&headers, Duration::from_secs(1));
         assert!(capped.remaining() <= Duration::from_secs(1));
         assert!(!capped.expired());
+    }
+
+    #[test]
+    fn client_deadline_may_be_longer_than_the_budget_up_to_the_cap() {
+        let mut headers = HeaderMap::new();
+        assert!(
+            Deadline::for_client(&headers, Duration::from_secs(1), Duration::from_secs(30)).remaining()
+                <= Duration::from_secs(1)
+        );
+        headers.insert(headers::DEADLINE, Deadline::after(Duration::from_secs(5)).header_value().parse().unwrap());
+        let d = Deadline::for_client(&headers, Duration::from_secs(1), Duration::from_secs(30));
+        assert!(d.remaining() > Duration::from_secs(4));
+        headers.insert(headers::DEADLINE, Deadline::after(Duration::from_secs(600)).header_value().parse().unwrap());
+        let d = Deadline::for_client(&headers, Duration::from_secs(1), Duration::from_secs(30));
+        assert!(d.remaining() <= Duration::from_secs(30));
     }
 
     #[test]

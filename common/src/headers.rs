@@ -10,3 +10,6 @@ pub const LEADER: &str = "x-quire-leader";
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// Name of the backend that served a request (set by balancers; for tests and debugging).
 pub const SERVED_BY: &str = "x-quire-served-by";
+/// Marks a request one replica passed to its group's leader, which must not pass it on again
+/// (nor redo work the first replica did).
+pub const FORWARDED: &str = "x-quire-forwarded";

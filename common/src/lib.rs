@@ -7,6 +7,8 @@
 //! - [`headers`]: names of the headers that travel between tiers (token, deadline, leader hint).
 //! - [`deadline`]: a request's absolute deadline, carried hop to hop.
 //! - [`http`]: the JSON extractor with documented rejections, fallbacks, the token guard.
+//! - [`capacity`]: the cost of work under `--profile cloud-sim`.
+//! - [`samples`]: per-tier samples from the balancers, the autoscaler's fleet view.
 //! - [`batch`]: coalescing concurrent requests into shared network rounds.
 //! - [`client`]: the shared `reqwest` client and a typed call helper.
 //! - [`status`]: the `/status` body every server serves.
@@ -16,11 +18,13 @@
 pub mod announce;
 pub mod api;
 pub mod batch;
+pub mod capacity;
 pub mod client;
 pub mod deadline;
 pub mod error;
 pub mod headers;
 pub mod http;
+pub mod samples;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;

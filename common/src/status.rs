@@ -35,6 +35,21 @@ pub struct ServerStatus {
     pub term: u64,
     #[serde(default)]
     pub applied_index: u64,
+    /// Worker slots, when limited (`--profile cloud-sim`); balancers dispatch within them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+    /// Slots in use.
+    #[serde(default)]
+    pub busy: u32,
+    /// How long one request holds a slot here, in milliseconds (its emulated work); a
+    /// balancer counts the slot free after that even if the answer is still on its way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_ms: Option<u64>,
+    /// Booting (launched, not ready yet) or draining (leaving): not ready either way.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub booting: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
     /// Ready to serve: replicas caught up with the leader, others started.
     pub ready: bool,
     /// Service-specific details (balancer backends, cache size, rates, ...).

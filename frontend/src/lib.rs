@@ -23,6 +23,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use quire_common::api::*;
+use quire_common::capacity::{Costs, Workers};
 use quire_common::http::{finish, guarded, Json, Token};
 use quire_common::status::{Role, ServerStatus};
 use quire_common::{headers, ApiError, Deadline};
@@ -42,7 +43,12 @@ pub struct Config {
     pub buy_budget: Duration,
     /// How often the cache lease is renewed (a third of its length is right).
     pub lease_renew: Duration,
+    /// Emulated capacity (`--profile cloud-sim`); `None`: the machine's own.
+    pub capacity: Option<Costs>,
 }
+
+/// The longest deadline a client may ask for.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
 pub struct Frontend {
@@ -57,6 +63,7 @@ struct Inner {
     order: Tier,
     browse_budget: Duration,
     buy_budget: Duration,
+    workers: Workers,
 }
 
 impl Frontend {
@@ -71,12 +78,23 @@ impl Frontend {
                 order: Tier::new(config.order.clone(), client, token),
                 browse_budget: config.browse_budget,
                 buy_budget: config.buy_budget,
+                workers: Workers::new(config.capacity),
             }),
         }
     }
 
     pub fn cache(&self) -> &Cache {
         &self.inner.cache
+    }
+
+    /// A public request's deadline and its front-end work, done on one of this server's
+    /// worker slots (free unless emulated); refused with `dropped` if it cannot end in time.
+    async fn admit(&self, headers: &HeaderMap, budget: Duration) -> Result<Deadline, ApiError> {
+        let deadline = Deadline::for_client(headers, budget, MAX_DEADLINE);
+        if let Some(costs) = self.inner.workers.costs() {
+            self.inner.workers.work(costs.frontend_slot(), Some(deadline)).await?;
+        }
+        Ok(deadline)
     }
 }
 
@@ -88,12 +106,13 @@ pub fn router(frontend: Frontend, token: Token) -> Router {
         .route("/buy/:id", post(buy))
         .route("/orders/:id", get(order))
         .route("/health", get(|| async { axum::Json(serde_json::json!({"ok": true})) }))
-        .route("/ready", get(status))
+        .route("/ready", get(ready))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .with_state(frontend.clone());
     let internal = Router::new()
         .route("/internal/invalidate", post(invalidate))
+        .route("/admin/drain", post(drain))
         .with_state(frontend)
         // A push merges every write queued behind the previous one: far above an API body.
         .layer(axum::extract::DefaultBodyLimit::max(4 * 1024 * 1024));
@@ -106,11 +125,11 @@ fn json_bytes(bytes: Bytes) -> Response {
 
 async fn lookup(State(f): State<Frontend>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    let deadline = f.admit(&headers, f.inner.browse_budget).await?;
     if let Some(json) = f.inner.cache.get(id) {
         return Ok(json_bytes(json));
     }
     let generation = f.inner.cache.generation();
-    let deadline = Deadline::from_headers_or(&headers, f.inner.browse_budget);
     let fetched: VersionedBook = f.inner.catalog.get(&format!("/books/{id}"), deadline).await?;
     let json = Bytes::from(serde_json::to_vec(&fetched.book).map_err(|e| ApiError::internal(e.to_string()))?);
     f.inner.cache.put(id, json.clone(), fetched.version, generation);
@@ -123,8 +142,9 @@ async fn search_topic(
     headers: HeaderMap,
 ) -> Result<axum::Json<TopicResults>, ApiError> {
     check_topic(&topic)?;
+    let deadline = f.admit(&headers, f.inner.browse_budget).await?;
     let path = format!("/topics/{}", urlencode(&topic));
-    f.inner.catalog.get(&path, Deadline::from_headers_or(&headers, f.inner.browse_budget)).await.map(axum::Json)
+    f.inner.catalog.get(&path, deadline).await.map(axum::Json)
 }
 
 #[derive(serde::Deserialize)]
@@ -141,8 +161,9 @@ async fn search_text(
     if params.q.as_deref().is_none_or(|q| q.trim().is_empty()) {
         return Err(ApiError::bad_request("invalid_query", "give the words to search for as ?q="));
     }
+    let deadline = f.admit(&headers, f.inner.browse_budget).await?;
     let path = format!("/search?{}", raw.unwrap_or_default());
-    f.inner.catalog.get(&path, Deadline::from_headers_or(&headers, f.inner.browse_budget)).await.map(axum::Json)
+    f.inner.catalog.get(&path, deadline).await.map(axum::Json)
 }
 
 fn urlencode(text: &str) -> String {
@@ -194,7 +215,7 @@ async fn buy(
         },
         None => uuid::Uuid::new_v4().to_string(),
     };
-    let deadline = Deadline::from_headers_or(&headers, f.inner.buy_budget);
+    let deadline = f.admit(&headers, f.inner.buy_budget).await?;
     let place = PlaceOrder { key: key.clone(), item_id, quantity };
     let result = f.inner.order.post_keyed::<Receipt, _>("/orders", &key, &place, deadline).await;
     let mut response = match result {
@@ -217,11 +238,8 @@ async fn order(
     headers: HeaderMap,
 ) -> Result<axum::Json<Order>, ApiError> {
     let id = parse_id(&id)?;
-    f.inner
-        .order
-        .get(&format!("/orders/{id}"), Deadline::from_headers_or(&headers, f.inner.browse_budget))
-        .await
-        .map(axum::Json)
+    let deadline = f.admit(&headers, f.inner.browse_budget).await?;
+    f.inner.order.get(&format!("/orders/{id}"), deadline).await.map(axum::Json)
 }
 
 async fn invalidate(State(f): State<Frontend>, Json(inv): Json<Invalidation>) -> axum::Json<serde_json::Value> {
@@ -231,16 +249,30 @@ async fn invalidate(State(f): State<Frontend>, Json(inv): Json<Invalidation>) ->
     axum::Json(serde_json::json!({"ok": true}))
 }
 
+/// Stops taking work before removal: reports not ready, so the edge takes it out of rotation.
+async fn drain(State(f): State<Frontend>) -> axum::Json<serde_json::Value> {
+    f.inner.workers.drain();
+    tracing::info!("draining: out of rotation from now on");
+    axum::Json(serde_json::json!({"draining": true, "busy": f.inner.workers.busy()}))
+}
+
 fn server_status(f: &Frontend) -> ServerStatus {
     let c = &f.inner.cache;
+    let w = &f.inner.workers;
     ServerStatus {
         name: f.inner.name.clone(),
         tier: "frontend".into(),
         url: f.inner.advertise.clone(),
         pid: std::process::id(),
         role: Role::None,
-        ready: true,
+        ready: w.ready(),
+        slots: w.slots(),
+        work_ms: w.costs().map(|c| c.frontend_slot().as_millis() as u64),
+        busy: w.busy(),
+        booting: w.booting(),
+        draining: w.draining(),
         details: serde_json::json!({
+            "after_drops": w.after_drops.load(Ordering::Relaxed),
             "cache_entries": c.len(),
             "cache_hits": c.hits.load(Ordering::Relaxed),
             "cache_misses": c.misses.load(Ordering::Relaxed),
@@ -253,6 +285,15 @@ fn server_status(f: &Frontend) -> ServerStatus {
 
 async fn status(State(f): State<Frontend>) -> axum::Json<ServerStatus> {
     axum::Json(server_status(&f))
+}
+
+async fn ready(State(f): State<Frontend>) -> Response {
+    let status = server_status(&f);
+    if status.ready {
+        axum::Json(status).into_response()
+    } else {
+        ApiError::unavailable("this frontend is booting or draining").into_response()
+    }
 }
 
 async fn metrics(State(f): State<Frontend>) -> String {

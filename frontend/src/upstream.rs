@@ -19,9 +19,10 @@ pub struct Tier {
     token: Arc<str>,
 }
 
-/// Codes after which the same request may succeed if sent again.
+/// Codes after which the same request may succeed if sent again. Not `dropped`: a tier
+/// that cannot finish the request before its deadline will not on a second try either.
 fn transient(code: &str) -> bool {
-    matches!(code, "unavailable" | "not_leader" | "dropped" | "deadline_exceeded")
+    matches!(code, "unavailable" | "not_leader" | "deadline_exceeded")
 }
 
 impl Tier {

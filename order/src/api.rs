@@ -1,4 +1,7 @@
 //! The order service's API, reached through the order balancer by frontends.
+//!
+//! A buy may land on any replica: it does the buy's app work (under `cloud-sim`, the part
+//! that scales with read replicas) and passes the buy to its leader, which runs the workflow.
 
 use std::time::Duration;
 
@@ -10,7 +13,7 @@ use rusqlite::OptionalExtension;
 
 use quire_common::api::{parse_id, Order, PlaceOrder, Receipt, MAX_QUANTITY};
 use quire_common::http::{guarded, Json, Token};
-use quire_common::{ApiError, Deadline};
+use quire_common::{headers, ApiError, Deadline};
 
 use crate::buy::Shop;
 use crate::machine::{order_from_row, ORDER_COLUMNS};
@@ -37,10 +40,19 @@ async fn place(
     if req.key.is_empty() || req.key.len() > 128 {
         return Err(ApiError::bad_request("invalid_key", "the key must be 1 to 128 bytes"));
     }
-    if !shop.replica.is_leader() {
-        return Err(ApiError::not_leader(shop.replica.leader().map(|(_, url)| url)));
+    let deadline = Deadline::from_headers_or(&headers, DEFAULT_BUDGET);
+    let forwarded = headers.contains_key(headers::FORWARDED);
+    // Any replica does a buy's app work; only the leader can write it.
+    if !forwarded {
+        shop.replica.workers.app_work(deadline).await?;
     }
-    shop.buy(req, Deadline::from_headers_or(&headers, DEFAULT_BUDGET)).await.map(axum::Json)
+    if shop.replica.is_leader() {
+        shop.buy(req, deadline).await.map(axum::Json)
+    } else if forwarded {
+        Err(ApiError::not_leader(shop.replica.leader().map(|(_, url)| url)))
+    } else {
+        shop.forward(&req, deadline).await.map(axum::Json)
+    }
 }
 
 async fn order(
@@ -49,7 +61,9 @@ async fn order(
     headers: HeaderMap,
 ) -> Result<axum::Json<Order>, ApiError> {
     let id = parse_id(&id)?;
-    shop.replica.read_barrier(Deadline::from_headers_or(&headers, DEFAULT_BUDGET)).await?;
+    let deadline = Deadline::from_headers_or(&headers, DEFAULT_BUDGET);
+    shop.replica.workers.read_work(deadline).await?;
+    shop.replica.read_barrier(deadline).await?;
     let order = shop
         .replica
         .reads

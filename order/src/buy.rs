@@ -34,6 +34,38 @@ impl Shop {
             .map_err(|e| ApiError::internal(format!("unexpected order answer: {e}")))
     }
 
+    /// Passes a buy to this group's leader, once: the leader runs the workflow. Safe to
+    /// repeat (the key), so a refused connection becomes `unavailable` and a silent leader
+    /// an unknown outcome.
+    pub async fn forward(&self, req: &PlaceOrder, deadline: Deadline) -> Result<Receipt, ApiError> {
+        let Some((_, leader)) = self.replica.leader() else {
+            return Err(ApiError::unavailable("the order group has no leader right now"));
+        };
+        let request = self
+            .replica
+            .client
+            .post(format!("{leader}/orders"))
+            .header(headers::TOKEN, &*self.token)
+            .header(headers::IDEMPOTENCY_KEY, &req.key)
+            .header(headers::DEADLINE, deadline.header_value())
+            .header(headers::FORWARDED, "1")
+            .timeout(deadline.remaining().max(Duration::from_millis(1)))
+            .json(req);
+        match call::<Receipt>(request).await {
+            Ok(receipt) => Ok(receipt),
+            Err(CallError::Api(e)) => Err(e),
+            Err(CallError::Unreachable(e)) => {
+                Err(ApiError::unavailable(format!("the order leader is unreachable: {e}")))
+            }
+            Err(CallError::Unknown(e)) => {
+                tracing::debug!(error = %e, key = %req.key, "forwarded buy unconfirmed");
+                Err(ApiError::deadline_exceeded(
+                    "the order leader did not confirm the buy in time; its outcome is unknown",
+                ))
+            }
+        }
+    }
+
     /// Runs the whole workflow for one buy and returns what the client is told.
     pub async fn buy(&self, req: PlaceOrder, deadline: Deadline) -> Result<Receipt, ApiError> {
         let created_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);

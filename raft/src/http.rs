@@ -39,6 +39,7 @@ pub fn router(replica: Arc<Replica>, token: Token) -> Router {
         .route("/admin/members/remove", post(remove_members))
         .route("/admin/metrics", get(metrics))
         .route("/admin/digest", get(digest))
+        .route("/admin/drain", post(drain))
         .with_state(replica)
         // Log batches and snapshot chunks are far larger than any API body.
         .layer(axum::extract::DefaultBodyLimit::max(RAFT_BODY_LIMIT));
@@ -146,6 +147,14 @@ async fn digest(State(r): Shared) -> Result<axum::Json<DigestAnswer>, ApiError> 
     Ok(axum::Json(DigestAnswer { applied_index, digest }))
 }
 
+/// Stops taking work before removal: the replica reports not ready, so balancers take it out
+/// of rotation, and keeps replicating until it is removed from the group.
+async fn drain(State(r): Shared) -> axum::Json<serde_json::Value> {
+    r.workers.drain();
+    tracing::info!("draining: out of rotation from now on");
+    axum::Json(serde_json::json!({"draining": true, "busy": r.workers.busy()}))
+}
+
 /// Who a replica is, for its `/status`.
 #[derive(Clone)]
 pub struct Identity {
@@ -191,13 +200,25 @@ pub fn server_status(replica: &Replica, identity: &Identity) -> quire_common::st
         leader_url: leader.map(|(_, url)| url),
         term: m.current_term,
         applied_index: m.last_applied.map_or(0, |l| l.index),
-        ready: replica.ready() && identity.gate.as_ref().is_none_or(|g| g.load(std::sync::atomic::Ordering::Acquire)),
+        ready: replica.ready()
+            && replica.workers.ready()
+            && identity.gate.as_ref().is_none_or(|g| g.load(std::sync::atomic::Ordering::Acquire)),
+        slots: replica.workers.slots(),
+        // What a balancer's slot covers: a catalog read; an order replica's part of a buy.
+        work_ms: replica.workers.costs().map(|c| {
+            let work = if identity.tier == "order" { c.order_buy_slot() } else { c.read_slot() };
+            work.as_millis() as u64
+        }),
+        busy: replica.workers.busy(),
+        booting: replica.workers.booting(),
+        draining: replica.workers.draining(),
         details: serde_json::json!({
             "last_log_index": m.last_log_index,
             "snapshot_index": m.snapshot.map(|s| s.index),
             "purged_index": m.purged.map(|s| s.index),
             "voters": membership.voter_ids().collect::<Vec<_>>(),
             "learners": membership.learner_ids().collect::<Vec<_>>(),
+            "after_drops": replica.workers.after_drops.load(std::sync::atomic::Ordering::Relaxed),
         }),
     }
 }

@@ -51,6 +51,8 @@ pub struct ReplicaConfig {
     pub dir: PathBuf,
     pub token: Token,
     pub tuning: Tuning,
+    /// Emulated capacity (`--profile cloud-sim`); `None`: the machine's own.
+    pub capacity: Option<quire_common::capacity::Costs>,
 }
 
 /// The answer of a committed, applied write.
@@ -69,6 +71,8 @@ pub struct Replica {
     pub machine: Arc<dyn Machine>,
     pub client: reqwest::Client,
     pub token: Token,
+    /// Boot, worker slots and draining of this server (free unless emulated).
+    pub workers: quire_common::capacity::Workers,
     read_index: ReadIndex,
     /// Set by the readiness probe: this replica recently had applied the leader's read index.
     caught_up: std::sync::atomic::AtomicBool,
@@ -124,6 +128,7 @@ impl Replica {
             token: config.token,
             read_index,
             caught_up: std::sync::atomic::AtomicBool::new(false),
+            workers: quire_common::capacity::Workers::new(config.capacity),
         });
         let _ = cell.set(Arc::downgrade(&replica));
         spawn_readiness_probe(Arc::downgrade(&replica));
@@ -199,7 +204,11 @@ impl Replica {
 
     /// Proposes `command`; returns once it is committed and applied here (on the leader).
     pub async fn write(&self, command: serde_json::Value, deadline: Deadline) -> Result<Applied, ApiError> {
-        let write = self.raft.client_write(command);
+        // An emulated DB write is latency, not a lock: writes overlap freely.
+        let write = async {
+            self.workers.write_latency().await;
+            self.raft.client_write(command).await
+        };
         match tokio::time::timeout(deadline.remaining(), write).await {
             Err(_) => Err(ApiError::deadline_exceeded(
                 "the write was not confirmed in time; its outcome is unknown, retry with the same key",

@@ -56,8 +56,14 @@ async fn start_node(id: NodeId, dir: std::path::PathBuf, listener: Option<tokio:
         None => tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
     };
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let config =
-        ReplicaConfig { id, advertise: url.clone(), dir: dir.clone(), token: Token::new(TOKEN), tuning: tuning() };
+    let config = ReplicaConfig {
+        id,
+        advertise: url.clone(),
+        dir: dir.clone(),
+        token: Token::new(TOKEN),
+        tuning: tuning(),
+        capacity: None,
+    };
     let replica = Replica::start(config, Arc::new(Kv)).await.unwrap();
     let app = quire_raft::http::router(replica.clone(), Token::new(TOKEN));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
