@@ -265,8 +265,13 @@ fn host_binds(binds: Option<Vec<String>>) -> Option<Vec<String>> {
 
 impl Backend for Containers {
     async fn inventory(&self) -> anyhow::Result<Vec<Server>> {
+        let mut found = self.containers().await?;
+        // Newest first: the loop counts every server found here as launched at its start and
+        // picks the first of equals to remove, so a restarted autoscaler removes its own
+        // launches before the stack's frontends.
+        found.sort_by_key(|f| (!f.autoscaled, std::cmp::Reverse(f.n)));
         let mut servers = Vec::new();
-        for found in self.containers().await? {
+        for found in found {
             let url = match self.url(&found) {
                 Ok(url) => url,
                 Err(e) => {

@@ -10,11 +10,15 @@ use serde::de::DeserializeOwned;
 use quire_common::client::{call, CallError, ATTEMPT_TIMEOUT};
 use quire_common::{headers, ApiError, Deadline};
 
-/// The balancers of one tier, tried in turn.
+/// The balancers of one tier. Every frontend sends to the same one, the first of the list
+/// that answers, and moves to the next when it fails: the tier's central queue then really is
+/// one queue (two balancers sharing the load would each dispatch to the same worker slots),
+/// and the other balancers stand by.
 #[derive(Clone)]
 pub struct Tier {
     balancers: Arc<Vec<String>>,
-    next: Arc<AtomicUsize>,
+    /// The balancer in use, as an index into `balancers` (modulo its length).
+    current: Arc<AtomicUsize>,
     client: reqwest::Client,
     token: Arc<str>,
 }
@@ -27,12 +31,17 @@ fn transient(code: &str) -> bool {
 
 impl Tier {
     pub fn new(balancers: Vec<String>, client: reqwest::Client, token: Arc<str>) -> Self {
-        Tier { balancers: Arc::new(balancers), next: Arc::new(AtomicUsize::new(0)), client, token }
+        Tier { balancers: Arc::new(balancers), current: Arc::new(AtomicUsize::new(0)), client, token }
     }
 
-    fn pick(&self) -> &str {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        &self.balancers[n % self.balancers.len()]
+    fn pick(&self) -> (usize, &str) {
+        let n = self.current.load(Ordering::Relaxed);
+        (n, &self.balancers[n % self.balancers.len()])
+    }
+
+    /// The balancer picked as `n` failed: move on, unless another request already did.
+    fn fail_over(&self, n: usize) {
+        let _ = self.current.compare_exchange(n, n.wrapping_add(1), Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// GETs `path` (reads are idempotent: retried on any transient failure).
@@ -84,7 +93,8 @@ impl Tier {
                 };
                 return Err((error, maybe_delivered));
             }
-            let request = build(&self.client, self.pick())
+            let (picked, balancer) = self.pick();
+            let request = build(&self.client, balancer)
                 .header(headers::TOKEN, &*self.token)
                 .header(headers::DEADLINE, deadline.header_value())
                 .timeout(remaining.min(ATTEMPT_TIMEOUT));
@@ -93,6 +103,10 @@ impl Tier {
                 Err(CallError::Api(e)) if !transient(e.code) => return Err((e, true)),
                 Err(e) => {
                     maybe_delivered |= !matches!(e, CallError::Unreachable(_));
+                    // The balancer itself failed (not a backend behind it): use the next one.
+                    if !matches!(e, CallError::Api(_)) {
+                        self.fail_over(picked);
+                    }
                     tracing::debug!(error = %e, "upstream attempt failed; retrying");
                     last = Some(e);
                 }

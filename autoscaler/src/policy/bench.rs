@@ -1,7 +1,7 @@
 //! The policies against each other in the simulator, on the benchmark profiles: how many
 //! clients left unhappy and how many server-seconds each took against the oracle.
 //!
-//! Slow (seconds per run in debug), so ignored by default:
+//! Slower than a unit test (seconds in debug), so ignored by default:
 //! `cargo test --release -p quire-autoscaler --lib policy::bench -- --ignored --nocapture`.
 //! `QUIRE_BENCH_PROFILES` (`;`-separated) and `QUIRE_BENCH_SEEDS` (a count) override the
 //! defaults; `QUIRE_BENCH_TIMELINE=<policy>` prints that policy's first run second by second.
@@ -15,7 +15,7 @@ const PROFILES: [&str; 3] =
     ["diurnal-40-180s,c-80-20s,diurnal-40-120s", "diurnal-40-120s", "c-20-30s,ramp-20-80-60s,c-80-30s,ramp-80-10-40s"];
 
 #[test]
-#[ignore = "runs the simulator: minutes in debug"]
+#[ignore = "runs the simulator: seconds in debug"]
 fn policies_on_the_benchmark_profiles() {
     let profiles: Vec<String> = std::env::var("QUIRE_BENCH_PROFILES").map_or_else(
         |_| PROFILES.iter().map(|p| p.to_string()).collect(),

@@ -134,7 +134,7 @@ impl Fleet {
             let current = m.ready + m.booting.len() as u32;
             if d.target > current {
                 let ready_at = self.now + self.costs.boot.as_secs_f64();
-                m.booting.extend(std::iter::repeat(ready_at).take((d.target - current) as usize));
+                m.booting.extend(std::iter::repeat_n(ready_at, (d.target - current) as usize));
             } else {
                 let mut surplus = current - d.target;
                 while surplus > 0 && m.booting.pop().is_some() {
