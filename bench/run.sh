@@ -35,11 +35,11 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 PIDS+=($!)
 status() { "$QUIRE" status --json --data-dir "$TMP/store" 2>/dev/null; }
 for _ in $(seq 1 120); do
-  if status | jq -e 'length == 13 and all(.ready)' >/dev/null 2>&1; then break; fi
+  if status | jq -e '.servers | length == 13 and all(.ready)' >/dev/null 2>&1; then break; fi
   sleep 0.5
 done
-status | jq -e 'all(.ready)' >/dev/null || { echo "the store did not come up" >&2; exit 1; }
-url_of() { status | jq -r --arg n "$1" '.[] | select(.name == $n) | .url'; }
+status | jq -e '.servers | all(.ready)' >/dev/null || { echo "the store did not come up" >&2; exit 1; }
+url_of() { status | jq -r --arg n "$1" '.servers[] | select(.name == $n) | .url'; }
 EDGE=$(url_of edge); FRONTEND=$(url_of frontend-1); CATALOG_BALANCER=$(url_of catalog-balancer-1)
 
 "$PWD/target/release/examples/bare_axum" "127.0.0.1:$(free_port)" > "$TMP/baseline.addr" &
@@ -103,6 +103,6 @@ printf '%-34s %12s %10s  %s\n' "what" "requests/s" "p99" "notes"
 printf '%s\n' "${RESULTS[@]}"
 echo
 echo "resident memory after the runs:"
-status | jq -r '.[] | "\(.name) \(.pid)"' | while read -r name pid; do
+status | jq -r '.servers[] | "\(.name) \(.pid)"' | while read -r name pid; do
   printf '  %-20s %6s MB\n' "$name" "$(awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$pid/status" 2>/dev/null)"
 done

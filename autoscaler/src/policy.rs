@@ -7,8 +7,9 @@
 //! - [`queue`]: seed 000, queue too long twice → +2, three idle polls → −1, frontends by ratio.
 //! - [`rate`]: seed 001, servers from the arrival rate, factors 0.5 / 0.25, cool-down.
 //! - [`hpa`]: Kubernetes' HorizontalPodAutoscaler formula, as a baseline.
-//! - [`staffing`]: the `default` policy, sized for each tier's wait budget from the arrival
-//!   rate, its trend and the backlog.
+//! - [`staffing`]: the `default` policy, sized for each tier's wait budget from its demand
+//!   (fed forward from the frontends to catalog and order), the demand's steps and trend, and
+//!   the backlog.
 
 #[cfg(test)]
 mod bench;

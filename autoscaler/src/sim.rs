@@ -74,6 +74,9 @@ pub struct SimulateArgs {
     /// Chance that a happy client buys after browsing (default 0.5).
     #[arg(long)]
     pub buy_probability: Option<f64>,
+    /// Share of lookups the frontends' caches answer (default 0.3, as measured live).
+    #[arg(long)]
+    pub hit_ratio: Option<f64>,
     /// Worker slots per server (default 1).
     #[arg(long)]
     pub slots: Option<u32>,
@@ -182,6 +185,9 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<Report> {
     let mut config = SimConfig { seed: args.seed, initial: args.initial, max: [args.max; 3], ..SimConfig::default() };
     if let Some(p) = args.buy_probability {
         config.model.buy_probability = p;
+    }
+    if let Some(h) = args.hit_ratio {
+        config.model.lookup_hit_ratio = h;
     }
     if let Some(slots) = args.slots {
         if slots == 0 {

@@ -66,7 +66,8 @@ impl Tier {
             })
             .await;
         sent.map_err(|(e, maybe_delivered)| {
-            if maybe_delivered && transient(e.code) {
+            // A refusal now does not undo an earlier attempt that may have been carried out.
+            if maybe_delivered && (transient(e.code) || e.code == "dropped") {
                 ApiError::deadline_exceeded("the request was not confirmed in time; its outcome is unknown")
             } else {
                 e
@@ -100,7 +101,7 @@ impl Tier {
                 .timeout(remaining.min(ATTEMPT_TIMEOUT));
             match call::<T>(request).await {
                 Ok(value) => return Ok(value),
-                Err(CallError::Api(e)) if !transient(e.code) => return Err((e, true)),
+                Err(CallError::Api(e)) if !transient(e.code) => return Err((e, maybe_delivered)),
                 Err(e) => {
                     maybe_delivered |= !matches!(e, CallError::Unreachable(_));
                     // The balancer itself failed (not a backend behind it): use the next one.

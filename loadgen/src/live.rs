@@ -53,6 +53,10 @@ pub struct LoadArgs {
     /// Chance that a client whose browses were all on time buys a book.
     #[arg(long, default_value_t = 0.5)]
     pub buy_probability: f64,
+    /// Share of lookups the store's frontend caches answer, for the oracle's count of
+    /// catalog servers (the live store has its own cache; this only prices the load).
+    #[arg(long, default_value_t = ClientModel::default().lookup_hit_ratio)]
+    pub hit_ratio: f64,
     /// Seed of the arrivals and of every client's choices: the same seed, the same clients.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -272,7 +276,14 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
     if target.cannot_be_a_base() {
         bail!("--target {} cannot be a base URL (expected e.g. http://127.0.0.1:8080)", args.target);
     }
-    let model = ClientModel { buy_probability: args.buy_probability, ..ClientModel::default() };
+    if !(0.0..=1.0).contains(&args.hit_ratio) {
+        bail!("--hit-ratio must be between 0 and 1, got {}", args.hit_ratio);
+    }
+    let model = ClientModel {
+        buy_probability: args.buy_probability,
+        lookup_hit_ratio: args.hit_ratio,
+        ..ClientModel::default()
+    };
     // The oracle prices work at the simulated cloud's costs (ARCHITECTURE.md §7), whatever the
     // store runs: it is the yardstick every run is compared with.
     let costs = Costs::CLOUD_SIM;
