@@ -7,26 +7,16 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Probe, Workload};
+use common::{wait_for, Probe, Up, Workload};
 use quire::supervisor::Layout;
 use quire_common::samples::FleetStatus;
 use quire_common::status::ServerStatus;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_quire");
-
-/// Kills `quire up` (and so, through the parent-death signal, every server) at the end.
-struct Up(Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 async fn get<T: serde::de::DeserializeOwned>(client: &reqwest::Client, url: &str) -> Option<T> {
     let r = client.get(url).timeout(Duration::from_secs(1)).send().await.ok()?;

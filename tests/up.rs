@@ -4,26 +4,15 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::wait_for;
+use common::{wait_for, Up};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_quire");
-
-/// Kills `quire up` (and so, through the parent-death signal, its children) if the test
-/// fails midway.
-struct Up(Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn status(dir: &std::path::Path) -> Option<Vec<Value>> {
     let out = Command::new(BIN).args(["status", "--json", "--data-dir"]).arg(dir).output().ok()?;

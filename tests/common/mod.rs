@@ -43,6 +43,17 @@ impl Default for Options {
     }
 }
 
+/// A `quire up` started by a test: killed at the end (and so, through the parent-death
+/// signal, every server it runs), even when the test fails midway.
+pub struct Up(pub std::process::Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
 where
     F: FnMut() -> Fut,

@@ -89,6 +89,22 @@ fn op_index(op: Op) -> usize {
     }
 }
 
+/// Whether a client's request, served by a tier from now to `done` and then costing `after`
+/// (per operation) downstream, would end past its deadline (`budget` from when it was sent):
+/// the pre-drop test of the tier's queue head.
+fn hopeless<'a>(
+    clients: &'a [Client],
+    budget: &'a [Micros; 3],
+    after: &'a [Micros; 3],
+    done: Micros,
+) -> impl Fn(u32) -> bool + 'a {
+    move |c| {
+        let client = &clients[c as usize];
+        let op = op_index(client.op);
+        done + after[op] > client.sent + budget[op]
+    }
+}
+
 fn seconds(t: Micros) -> f64 {
     t as f64 / 1e6
 }
@@ -260,12 +276,7 @@ impl<'r> Engine<'r> {
         let now = self.now;
         let service = self.tiers[i].service;
         loop {
-            let (clients, budget, after) = (&self.clients, &self.budget, &self.after[i]);
-            let hopeless = |c: u32| {
-                let client = &clients[c as usize];
-                let op = op_index(client.op);
-                now + service + after[op] > client.sent + budget[op]
-            };
+            let hopeless = hopeless(&self.clients, &self.budget, &self.after[i], now + service);
             match self.tiers[i].dispatch(now, hopeless) {
                 None => return,
                 Some((_, Ok(()))) => {}
@@ -357,12 +368,7 @@ impl<'r> Engine<'r> {
         for i in 0..3 {
             let service = self.tiers[i].service;
             loop {
-                let (clients, budget, after) = (&self.clients, &self.budget, &self.after[i]);
-                let hopeless = |c: u32| {
-                    let client = &clients[c as usize];
-                    let op = op_index(client.op);
-                    at + service + after[op] > client.sent + budget[op]
-                };
+                let hopeless = hopeless(&self.clients, &self.budget, &self.after[i], at + service);
                 match self.tiers[i].purge_head(hopeless) {
                     Some(c) => self.dropped(c),
                     None => break,
