@@ -1,9 +1,10 @@
 //! The catalog's service API, reached through the catalog balancer by frontends (reads,
 //! leases) and by the order service (decrements). Reads are linearizable on any replica;
-//! writes are taken by the leader only and acknowledged after frontends are invalidated.
+//! writes are taken by the leader only, and every frontend holds the book before the write
+//! is proposed (see [`crate::leases`]).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
@@ -15,7 +16,7 @@ use serde::Deserialize;
 use quire_common::api::*;
 use quire_common::http::{guarded, Json, Token};
 use quire_common::{ApiError, Deadline};
-use quire_raft::Replica;
+use quire_raft::{Applied, Replica, WriteError};
 
 use crate::leases::Leases;
 use crate::machine::Command;
@@ -188,19 +189,17 @@ async fn decrement(
         return Err(ApiError::bad_request("invalid_key", "the key must be 1 to 128 bytes"));
     }
     let command = Command::Decrement { item_id, key: req.key, quantity: req.quantity };
+    let deadline = Deadline::from_headers_or(&headers, DEFAULT_BUDGET);
+    // The book's version after the decrement (or its repeat, or a refusal): caches may store
+    // that version or newer once it is released.
     let applied = c
-        .replica
-        .write(serde_json::to_value(command).unwrap_or_default(), Deadline::from_headers_or(&headers, DEFAULT_BUDGET))
+        .write_book(item_id, command, deadline, |applied| {
+            serde_json::from_value::<DecrementResult>(applied.response.clone()).map(|r| r.version).unwrap_or(0)
+        })
         .await?;
-    let result: DecrementResult = serde_json::from_value(applied.response)
-        .map_err(|e| ApiError::internal(format!("unexpected decrement answer: {e}")))?;
-    // Invalidate to the row's version even for a repeat or a refusal: the first attempt's
-    // push may still be under way (or its leader died before pushing), and the row's own
-    // version never makes a fresh cached value look stale.
-    if result.outcome != DecrementOutcome::NotFound {
-        c.leases.invalidate(item_id, result.version, c.replica.metrics().current_term).await;
-    }
-    Ok(axum::Json(result))
+    serde_json::from_value(applied.response)
+        .map(axum::Json)
+        .map_err(|e| ApiError::internal(format!("unexpected decrement answer: {e}")))
 }
 
 async fn restock(
@@ -216,7 +215,7 @@ async fn restock(
     restock_item(&c, item_id, req.quantity, Deadline::from_headers_or(&headers, DEFAULT_BUDGET)).await.map(axum::Json)
 }
 
-/// Proposes a restock and invalidates frontends before answering.
+/// Proposes a restock of `item_id` (held at every frontend until applied).
 pub async fn restock_item(
     c: &Catalog,
     item_id: u64,
@@ -224,12 +223,63 @@ pub async fn restock_item(
     deadline: Deadline,
 ) -> Result<serde_json::Value, ApiError> {
     let command = Command::Restock { item_id, quantity };
-    let applied = c.replica.write(serde_json::to_value(command).unwrap_or_default(), deadline).await?;
+    let applied = c.write_book(item_id, command, deadline, |applied| applied.index).await?;
     if applied.response.get("error").is_some() {
         return Err(ApiError::not_found(format!("no book with id {item_id}")));
     }
-    c.leases.invalidate(item_id, applied.index, c.replica.metrics().current_term).await;
     Ok(applied.response)
+}
+
+impl Catalog {
+    /// Proposes `command`, a write to book `item`, and returns once it is applied.
+    ///
+    /// Every leased frontend holds the book before the write is proposed, so once any
+    /// replica can show the write, no cache serves the value it replaced; once applied, the
+    /// book is released to `version(applied)`, the book's version after the write. The
+    /// proposal runs in a task of its own, which releases the book when the write is
+    /// applied whether or not the caller still waits; a write whose fate this replica
+    /// cannot learn keeps the book held until the term ends.
+    pub async fn write_book(
+        &self,
+        item: u64,
+        command: Command,
+        deadline: Deadline,
+        version: impl FnOnce(&Applied) -> u64 + Send + 'static,
+    ) -> Result<Applied, ApiError> {
+        let Some(term) = self.replica.leading_term() else {
+            return Err(ApiError::not_leader(self.replica.leader().map(|(_, url)| url)));
+        };
+        let command = serde_json::to_value(command).map_err(|e| ApiError::internal(e.to_string()))?;
+        let unknown = || {
+            ApiError::deadline_exceeded(
+                "the write was not confirmed in time; its outcome is unknown, retry with the same key",
+            )
+        };
+        let hold = match tokio::time::timeout(deadline.remaining(), self.leases.hold(item, term)).await {
+            Ok(Ok(hold)) => hold,
+            Ok(Err(_)) => return Err(ApiError::not_leader(self.replica.leader().map(|(_, url)| url))),
+            // Nothing was proposed: the hold is released as it drops.
+            Err(_) => return Err(ApiError::deadline_exceeded("the write could not be started in time")),
+        };
+        let replica = self.replica.clone();
+        let proposal = tokio::spawn(async move {
+            let answer = replica.propose(command).await;
+            match &answer {
+                Ok(applied) => hold.release(version(applied)),
+                Err(WriteError::NotLeader(_)) => drop(hold),
+                Err(WriteError::Unknown(_)) => hold.keep(),
+            }
+            answer
+        });
+        match tokio::time::timeout(deadline.remaining(), proposal).await {
+            Ok(Ok(answer)) => answer.map_err(ApiError::from),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "the proposal task failed");
+                Err(unknown())
+            }
+            Err(_) => Err(unknown()),
+        }
+    }
 }
 
 async fn lease(
@@ -237,35 +287,29 @@ async fn lease(
     headers: HeaderMap,
     Json(req): Json<LeaseRequest>,
 ) -> Result<axum::Json<LeaseGrant>, ApiError> {
-    let asked_at = Instant::now();
-    if !c.replica.is_leader() {
-        return Err(ApiError::not_leader(c.replica.leader().map(|(_, url)| url)));
-    }
+    let asked_at = tokio::time::Instant::now();
+    let not_leader = || ApiError::not_leader(c.replica.leader().map(|(_, url)| url));
+    let term = c.replica.leading_term().ok_or_else(not_leader)?;
     // Confirm leadership with a quorum that answered after this request arrived.
     c.replica.read_barrier(Deadline::from_headers_or(&headers, Duration::from_secs(1))).await?;
-    if !c.replica.is_leader() {
-        return Err(ApiError::not_leader(c.replica.leader().map(|(_, url)| url)));
+    if c.replica.leading_term() != Some(term) {
+        return Err(not_leader());
     }
-    let missed = c.leases.grant(&req.frontend, asked_at);
-    let m = c.replica.metrics();
-    Ok(axum::Json(LeaseGrant {
-        ttl_ms: c.leases.ttl().as_millis() as u64,
-        leader_id: c.replica.id,
-        term: m.current_term,
-        missed,
-    }))
+    c.leases.grant(&req.frontend, asked_at, term).map(axum::Json).map_err(|_| not_leader())
 }
 
 /// Per-book accounting for invariant checks: stock now, copies sold, copies restocked, and
 /// every key that sold (exactly-once checks compare it with the order service's orders).
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Ledger {
     pub applied_index: u64,
     pub books: Vec<LedgerRow>,
     pub sold_keys: Vec<(String, u64, u32)>,
+    /// Every restock as (log index, item, quantity), in log order.
+    pub restocks: Vec<(u64, u64, i64)>,
 }
 
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LedgerRow {
     pub id: u64,
     pub stock: i64,
@@ -276,7 +320,7 @@ pub struct LedgerRow {
 async fn ledger(State(c): State<Catalog>) -> Result<axum::Json<Ledger>, ApiError> {
     c.replica.read_barrier(Deadline::after(DEFAULT_BUDGET)).await?;
     let applied_index = c.replica.applied_index();
-    let (books, sold_keys) = c
+    let (books, sold_keys, restocks) = c
         .replica
         .reads
         .query(|conn| {
@@ -301,11 +345,15 @@ async fn ledger(State(c): State<Catalog>) -> Result<axum::Json<Ledger>, ApiError
             let keys = stmt
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, u32>(2)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok((books, keys))
+            let mut stmt = conn.prepare("SELECT log_index, item_id, quantity FROM restocks ORDER BY log_index")?;
+            let restocks = stmt
+                .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((books, keys, restocks))
         })
         .await
         .map_err(storage)?;
-    Ok(axum::Json(Ledger { applied_index, books, sold_keys }))
+    Ok(axum::Json(Ledger { applied_index, books, sold_keys, restocks }))
 }
 
 #[cfg(test)]

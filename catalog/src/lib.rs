@@ -3,7 +3,7 @@
 //! # Layout
 //! - [`machine`]: the replicated state and the commands that change it.
 //! - [`api`]: reads (linearizable on any replica), decrements and restocks (leader).
-//! - [`leases`]: frontend cache leases and invalidation push before acknowledging writes.
+//! - [`leases`]: frontend cache leases, and holds pushed before a write is proposed.
 //! - [`seed`]: the initial catalog (built-in or CSV), loaded through Raft.
 //! - [`restock`]: the leader's background restocking of sold-out books.
 
@@ -52,7 +52,7 @@ pub async fn run(
     );
     let token = member.replica.token.clone();
     let replica = Replica::start(member.replica.clone(), Arc::new(machine::Catalog)).await?;
-    let leases = Leases::new(config.lease_ttl, replica.client.clone(), token.0.clone());
+    let leases = Leases::new(config.lease_ttl, replica.id, replica.client.clone(), token.0.clone());
     let catalog = Catalog { replica: replica.clone(), leases };
     let seeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let identity = Identity { gate: Some(seeded.clone()), ..Identity::new(member.name.clone(), "catalog") };

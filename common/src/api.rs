@@ -150,11 +150,27 @@ pub struct Restock {
     pub quantity: u32,
 }
 
-/// Pushed by the catalog leader to every leased frontend before a write is acknowledged:
-/// `(book id, log index of the write)` pairs, one per book (concurrent writes share a push).
+/// The catalog leader's word on one book, as frontends must honour it: while `held`, a write
+/// to the book is on its way and nothing of it may be served or stored from a cache; once
+/// released, only a value of `floor` (the log index of the book's last write) or newer may
+/// be stored. `changed` orders the leader's words on one book within its term: a frontend
+/// keeps the word with the highest `changed` and ignores older ones that arrive late.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BookHold {
+    pub id: u64,
+    pub held: bool,
+    pub floor: u64,
+    pub changed: u64,
+}
+
+/// Pushed by the catalog leader to every frontend with a live lease: before it proposes a
+/// write to a book (a hold) and after the write is applied (the release). Concurrent writes
+/// share one push per frontend.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Invalidation {
-    pub items: Vec<(u64, u64)>,
+    pub leader_id: u64,
+    pub term: u64,
+    pub books: Vec<BookHold>,
 }
 
 /// A frontend asks the catalog leader for a cache lease (and registers for invalidations).
@@ -172,9 +188,14 @@ pub struct LeaseGrant {
     pub leader_id: u64,
     pub term: u64,
     /// How many invalidations this leader failed to deliver to the frontend, ever. The
-    /// frontend empties its cache whenever the count grows: a count, not a flag, so a lost
-    /// grant cannot lose the order to flush.
+    /// frontend drops its cached values whenever the count grows: a count, not a flag, so a
+    /// lost grant cannot lose the order.
     pub missed: u64,
+    /// The leader's latest `changed` when it granted: a frontend's hold older than this that
+    /// `held` does not list was released meanwhile.
+    pub seq: u64,
+    /// Every book held when the lease was granted.
+    pub held: Vec<BookHold>,
 }
 
 /// Parses a path id: a positive integer that fits SQLite's signed 64-bit rowid.

@@ -44,6 +44,12 @@ impl<I: Send + 'static, O: Clone + Send + 'static> Batcher<I, O> {
         Batcher { requests: tx }
     }
 
+    /// Asks for a round without waiting for it.
+    pub fn send(&self, input: I) {
+        let (tx, _) = oneshot::channel();
+        let _ = self.requests.send((input, tx));
+    }
+
     /// Waits for the first round that starts after this call; `None` if the task stopped.
     pub async fn submit(&self, input: I) -> Option<O> {
         let (tx, rx) = oneshot::channel();

@@ -1,8 +1,8 @@
 //! The frontend: quire's public REST API. Stateless but for its cache of lookups, kept
-//! coherent by the catalog leader's invalidations and lease (see [`cache`]).
+//! current by the catalog leader's lease and holds (see [`cache`]).
 //!
 //! # Layout
-//! - [`cache`]: versioned entries, invalidation floors, the lease.
+//! - [`cache`]: versioned entries, the leader's holds and floors, the lease.
 //! - [`upstream`]: calls to the catalog and order balancers with deadlines and retries.
 //! - this file: routes, handlers, the lease renewal task, `run`.
 
@@ -242,11 +242,17 @@ async fn order(
     f.inner.order.get(&format!("/orders/{id}"), deadline).await.map(axum::Json)
 }
 
-async fn invalidate(State(f): State<Frontend>, Json(inv): Json<Invalidation>) -> axum::Json<serde_json::Value> {
-    for (id, version) in inv.items {
-        f.inner.cache.erase(id, version);
-    }
-    axum::Json(serde_json::json!({"ok": true}))
+/// A push from the catalog leader: acknowledged once its words are taken (a leader of an
+/// older term than this frontend's lease is refused, and waits this lease out).
+async fn invalidate(
+    State(f): State<Frontend>,
+    Json(push): Json<Invalidation>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    f.inner
+        .cache
+        .apply(&push)
+        .map_err(|e| ApiError::new(axum::http::StatusCode::CONFLICT, "superseded", e.to_string()))?;
+    Ok(axum::Json(serde_json::json!({"ok": true})))
 }
 
 /// Stops taking work before removal: reports not ready, so the edge takes it out of rotation.
@@ -277,6 +283,7 @@ fn server_status(f: &Frontend) -> ServerStatus {
             "cache_hits": c.hits.load(Ordering::Relaxed),
             "cache_misses": c.misses.load(Ordering::Relaxed),
             "cache_flushes": c.flushes.load(Ordering::Relaxed),
+            "cache_holds": c.holds(),
             "lease_valid": c.lease_valid(),
         }),
         ..Default::default()
@@ -312,14 +319,11 @@ async fn metrics(State(f): State<Frontend>) -> String {
 }
 
 /// Keeps the cache lease running: asks the catalog leader (through the catalog balancer)
-/// every `every`, and flushes when the leader changed or says an invalidation was missed.
+/// every `every`; the cache takes each grant (see [`cache::Cache::renew`]).
 fn spawn_lease_renewal(f: Frontend, every: Duration) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // (leader, term) of the last grant, and how many missed invalidations it reported.
-        let mut leader: Option<(u64, u64)> = None;
-        let mut missed = 0;
         loop {
             tick.tick().await;
             let sent_at = Instant::now();
@@ -327,22 +331,16 @@ fn spawn_lease_renewal(f: Frontend, every: Duration) {
             // Never wait for a grant past the lease it would extend.
             let deadline = Deadline::after(every * 2);
             match f.inner.catalog.post_keyed::<LeaseGrant, _>("/leases", "lease", &request, deadline).await {
-                Ok(grant) => {
-                    let this = (grant.leader_id, grant.term);
-                    let changed = leader.is_some_and(|l| l != this);
-                    let more_missed = !changed && grant.missed > missed;
-                    if changed || more_missed {
-                        tracing::info!(
-                            leader = grant.leader_id,
-                            term = grant.term,
-                            missed = grant.missed,
-                            "cache flushed on lease renewal"
-                        );
-                    }
-                    f.inner.cache.renew(sent_at, Duration::from_millis(grant.ttl_ms), changed || more_missed);
-                    leader = Some(this);
-                    missed = grant.missed;
-                }
+                Ok(grant) => match f.inner.cache.renew(&grant, sent_at) {
+                    cache::Renewal::Extended => {}
+                    what => tracing::info!(
+                        leader = grant.leader_id,
+                        term = grant.term,
+                        missed = grant.missed,
+                        ?what,
+                        "cache lease renewed"
+                    ),
+                },
                 Err(e) => tracing::debug!(error = %e, "lease not renewed"),
             }
         }

@@ -24,7 +24,7 @@ pub mod replica;
 pub mod service;
 pub mod state;
 
-pub use replica::{Applied, Replica, ReplicaConfig, Tuning};
+pub use replica::{Applied, Replica, ReplicaConfig, Tuning, WriteError};
 pub use service::Member;
 
 pub type NodeId = u64;

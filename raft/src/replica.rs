@@ -63,6 +63,29 @@ pub struct Applied {
     pub response: serde_json::Value,
 }
 
+/// Why a proposal has no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// The write was not applied and never will be: this replica did not lead when asked,
+    /// or the entry was removed from its log by a newer leader. The leader's URL if known.
+    #[error("not the leader")]
+    NotLeader(Option<String>),
+    /// The replica stopped before it could tell (the entry may still be applied).
+    #[error("the outcome is unknown: {0}")]
+    Unknown(String),
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::NotLeader(leader) => ApiError::not_leader(leader),
+            WriteError::Unknown(_) => ApiError::deadline_exceeded(
+                "the replica stopped before the write was confirmed; its outcome is unknown, retry with the same key",
+            ),
+        }
+    }
+}
+
 pub struct Replica {
     pub id: NodeId,
     pub advertise: String,
@@ -202,24 +225,37 @@ impl Replica {
         self.caught_up.load(std::sync::atomic::Ordering::Acquire) && self.raft.metrics().borrow().running_state.is_ok()
     }
 
+    /// The term this replica leads, if it leads.
+    pub fn leading_term(&self) -> Option<u64> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        (m.current_leader == Some(self.id)).then_some(m.current_term)
+    }
+
     /// Proposes `command`; returns once it is committed and applied here (on the leader).
     pub async fn write(&self, command: serde_json::Value, deadline: Deadline) -> Result<Applied, ApiError> {
-        // An emulated DB write is latency, not a lock: writes overlap freely.
-        let write = async {
-            self.workers.write_latency().await;
-            self.raft.client_write(command).await
-        };
-        match tokio::time::timeout(deadline.remaining(), write).await {
+        match tokio::time::timeout(deadline.remaining(), self.propose(command)).await {
+            Ok(answer) => answer.map_err(ApiError::from),
             Err(_) => Err(ApiError::deadline_exceeded(
                 "the write was not confirmed in time; its outcome is unknown, retry with the same key",
             )),
-            Ok(Ok(response)) => Ok(Applied { index: response.log_id.index, response: response.data }),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(ApiError::not_leader(f.leader_node.map(|n| n.addr)))
+        }
+    }
+
+    /// Proposes `command` and waits, however long it takes, until it is applied here (a
+    /// replica that stopped leading meanwhile still applies it once it is committed) or is
+    /// known never to be.
+    pub async fn propose(&self, command: serde_json::Value) -> Result<Applied, WriteError> {
+        // An emulated DB write is latency, not a lock: writes overlap freely.
+        self.workers.write_latency().await;
+        match self.raft.client_write(command).await {
+            Ok(response) => Ok(Applied { index: response.log_id.index, response: response.data }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(WriteError::NotLeader(f.leader_node.map(|n| n.addr)))
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::warn!(error = %e, "write failed");
-                Err(ApiError::unavailable("the replica group cannot take writes right now"))
+                Err(WriteError::Unknown(e.to_string()))
             }
         }
     }
