@@ -10,7 +10,7 @@ use common::{wait_for, Options, TestStore, Workload};
 use nix::sys::signal::Signal;
 
 fn workload(t: &TestStore) -> Workload {
-    Workload::start(&t.edge, t.initial.keys().copied().collect(), 4, 4)
+    t.shoppers(4, 4).start()
 }
 
 /// Waits for the next acknowledged buy and returns how long writes were unavailable.
@@ -280,4 +280,18 @@ async fn sold_out_books_are_restocked() {
 fn deadline_in(ms: u64) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
     (now + ms).to_string()
+}
+
+/// No fault at all: buyers and readers on three books with ten million copies each,
+/// through the edge and both frontends directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn steady_state_through_the_caches() {
+    let t =
+        TestStore::start(Options { books: (1..=3).map(|id| (id, 10_000_000)).collect(), ..Options::default() }).await;
+    let w = t.shoppers(6, 6).start();
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(15) {
+        w.progress(100, 20).await;
+    }
+    finish(t, w).await;
 }

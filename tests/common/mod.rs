@@ -9,10 +9,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use history::{Call, Final, Op, Outcome};
 use quire::supervisor::{Store, StoreOptions};
+use quire_catalog::api::Ledger;
 use quire_common::api::{Order, OrderState, Receipt};
 use quire_common::headers;
 use quire_common::status::{Role, ServerStatus};
+pub use quire_history as history;
+use quire_raft::http::DigestAnswer;
 use serde_json::Value;
 
 /// Stores are started one at a time: each is eleven processes, and two at once on a
@@ -151,6 +155,14 @@ impl TestStore {
         self.store.names(tier).into_iter().filter(|n| *n != leader).collect()
     }
 
+    /// Shoppers over every book: buyers through the edge, readers through the edge and each
+    /// frontend directly (so both caches are read), searches of the books' topic.
+    pub fn shoppers(&self, buyers: usize, readers: usize) -> Shoppers {
+        let mut targets = vec![self.edge.clone()];
+        targets.extend(self.store.names("frontend").iter().map(|n| self.url(n)));
+        Shoppers { targets, items: self.initial.keys().copied().collect(), topic: Some("t".into()), buyers, readers }
+    }
+
     /// The store as the invariant checks see it: every replica, live or not, by URL.
     pub fn probe(&self) -> Probe {
         let urls = |tier: &str| self.store.names(tier).iter().map(|n| self.url(n)).collect();
@@ -208,92 +220,29 @@ impl Probe {
     }
 
     /// Waits until every replica in `live` (URLs) has applied the same index with the same
-    /// state digest.
+    /// state digest; fails at once if two replicas at one index disagree.
     pub async fn converge(&self, what: &str, live: &[String]) {
         wait_for(&format!("{what} replicas to converge"), Duration::from_secs(30), || async {
-            let mut seen = BTreeSet::new();
+            let mut seen = Vec::new();
             for url in live {
-                let d: Value = self.admin_get(url, "/admin/digest").await?;
-                seen.insert((d["applied_index"].as_u64()?, d["digest"].as_str()?.to_string()));
+                let d: DigestAnswer = self.admin_get(url, "/admin/digest").await?;
+                seen.push((url.clone(), d));
             }
-            (seen.len() == 1).then_some(())
+            if let Some(divergence) = divergence(&seen) {
+                panic!("{what} replicas diverged: {divergence}");
+            }
+            seen.windows(2).all(|w| w[0].1 == w[1].1).then_some(())
         })
         .await;
     }
 
-    /// Checks every invariant of ARCHITECTURE.md §4 against what `work` saw acknowledged.
+    /// Checks every invariant of docs/ARCHITECTURE.md against what `work` saw.
     pub async fn check_invariants(&self, work: &Report) {
-        let (catalog, orders_tier) = (&self.catalog, &self.order);
-        // Pending orders are finished by the recovery task; wait for it.
-        let orders: Vec<Order> = wait_for("every pending order to settle", Duration::from_secs(40), || async {
-            for url in orders_tier {
-                if let Some(orders) = self.admin_get::<Vec<Order>>(url, "/admin/orders").await {
-                    return orders.iter().all(|o| o.state != OrderState::Pending).then_some(orders);
-                }
-            }
-            None
-        })
-        .await;
-        let ledger: Value = wait_for("the catalog ledger", Duration::from_secs(20), || async {
-            for url in catalog {
-                if let Some(l) = self.admin_get::<Value>(url, "/admin/ledger").await {
-                    return Some(l);
-                }
-            }
-            None
-        })
-        .await;
-
-        // Stock conservation, stock never negative.
-        let mut confirmed_qty: HashMap<u64, i64> = HashMap::new();
-        for o in orders.iter().filter(|o| o.state == OrderState::Confirmed) {
-            *confirmed_qty.entry(o.item_id).or_default() += i64::from(o.quantity);
-        }
-        for row in ledger["books"].as_array().expect("ledger books") {
-            let id = row["id"].as_u64().expect("id");
-            let (stock, restocked) =
-                (row["stock"].as_i64().expect("stock"), row["restocked"].as_i64().expect("restocked"));
-            let initial = self.initial[&id];
-            let sold = confirmed_qty.get(&id).copied().unwrap_or(0);
-            assert!(stock >= 0, "book {id}: negative stock {stock}");
-            assert_eq!(
-                initial + restocked,
-                stock + sold,
-                "book {id}: initial {initial} + restocked {restocked} != stock {stock} + confirmed {sold}"
-            );
-        }
-
-        // Exactly once: the catalog sold each key at most once (its primary key) and sold
-        // exactly the keys of confirmed orders, with the same item and quantity.
-        let sold: BTreeSet<(String, u64, u32)> = ledger["sold_keys"]
-            .as_array()
-            .expect("sold keys")
-            .iter()
-            .map(|k| {
-                (
-                    k[0].as_str().expect("key").to_string(),
-                    k[1].as_u64().expect("item"),
-                    k[2].as_u64().expect("qty") as u32,
-                )
-            })
-            .collect();
-        let confirmed: BTreeSet<(String, u64, u32)> = orders
-            .iter()
-            .filter(|o| o.state == OrderState::Confirmed)
-            .map(|o| (o.key.clone(), o.item_id, o.quantity))
-            .collect();
-        assert_eq!(sold, confirmed, "catalog sales and confirmed orders differ");
-        let keys: BTreeSet<&str> = orders.iter().map(|o| o.key.as_str()).collect();
-        assert_eq!(keys.len(), orders.len(), "an idempotency key has two orders");
-
-        // No acknowledged order lost: each receipt is a confirmed order, found through the edge.
-        let by_id: HashMap<u64, &Order> = orders.iter().map(|o| (o.order_id, o)).collect();
-        for receipt in &work.acked {
-            let order =
-                by_id.get(&receipt.order_id).unwrap_or_else(|| panic!("acknowledged order {} lost", receipt.order_id));
-            assert_eq!(order.state, OrderState::Confirmed, "acknowledged order {} is not confirmed", receipt.order_id);
-            assert_eq!((order.item_id, order.quantity), (receipt.item_id, receipt.quantity));
-        }
+        let state = self.final_state().await;
+        let at = work.began.map_or(Duration::ZERO, |b| b.elapsed());
+        let verdict = audit(&self.initial, &state, work, at);
+        eprintln!("{}", verdict.summary());
+        assert!(verdict.violations.is_empty(), "the store broke its guarantees: {:#?}", verdict.violations);
         for receipt in work.acked.iter().take(20) {
             let r = self
                 .client
@@ -303,8 +252,132 @@ impl Probe {
                 .expect("order lookup");
             assert_eq!(r.status(), 200, "acknowledged order {} not found through the edge", receipt.order_id);
         }
-        assert!(work.violations.is_empty(), "workload saw violations: {:#?}", work.violations);
     }
+
+    /// The orders (once none is pending: the recovery task settles them) and the ledger.
+    pub async fn final_state(&self) -> FinalState {
+        let orders: Vec<Order> = wait_for("every pending order to settle", Duration::from_secs(40), || async {
+            for url in &self.order {
+                if let Some(orders) = self.admin_get::<Vec<Order>>(url, "/admin/orders").await {
+                    return orders.iter().all(|o| o.state != OrderState::Pending).then_some(orders);
+                }
+            }
+            None
+        })
+        .await;
+        let ledger: Ledger = wait_for("the catalog ledger", Duration::from_secs(20), || async {
+            for url in &self.catalog {
+                if let Some(l) = self.admin_get::<Ledger>(url, "/admin/ledger").await {
+                    return Some(l);
+                }
+            }
+            None
+        })
+        .await;
+        FinalState { orders, ledger }
+    }
+}
+
+/// Two replicas that report the same applied index with different digests, if any.
+pub fn divergence(seen: &[(String, DigestAnswer)]) -> Option<String> {
+    for (i, (a, da)) in seen.iter().enumerate() {
+        for (b, db) in &seen[i + 1..] {
+            if da.applied_index == db.applied_index && da.digest != db.digest {
+                return Some(format!("{a} and {b} both applied {} but hold different states", da.applied_index));
+            }
+        }
+    }
+    None
+}
+
+/// What the checks read after a run: every order and the catalog's ledger.
+#[derive(Debug, Clone)]
+pub struct FinalState {
+    pub orders: Vec<Order>,
+    pub ledger: Ledger,
+}
+
+/// What [`audit`] found.
+#[derive(Debug, Default)]
+pub struct Audit {
+    pub violations: Vec<String>,
+    pub verdict: history::Verdict,
+}
+
+impl Audit {
+    pub fn summary(&self) -> String {
+        let linearizable = if self.verdict.violations.is_empty() { "linearizable" } else { "NOT linearizable" };
+        format!(
+            "checked: {} operations on {} books, {linearizable}; {} violations",
+            self.verdict.ops(),
+            self.verdict.checked.len(),
+            self.violations.len()
+        )
+    }
+}
+
+/// Every invariant of docs/ARCHITECTURE.md, checked against what a workload saw (`at`:
+/// when `state` was read, on the workload's clock):
+/// - stock is conserved: initial + restocked = stock + confirmed quantities, per book;
+/// - exactly once: the catalog sold exactly the keys of confirmed orders, each once;
+/// - no acknowledged buy lost: every receipt is a confirmed order;
+/// - nothing the workload saw broke a guarantee on its own (a failed read, say);
+/// - the history is linearizable per book.
+pub fn audit(initial: &BTreeMap<u64, i64>, state: &FinalState, work: &Report, at: Duration) -> Audit {
+    let FinalState { orders, ledger } = state;
+    let mut violations = work.violations.clone();
+    let confirmed: Vec<&Order> = orders.iter().filter(|o| o.state == OrderState::Confirmed).collect();
+    for row in &ledger.books {
+        let sold: i64 = confirmed.iter().filter(|o| o.item_id == row.id).map(|o| i64::from(o.quantity)).sum();
+        let Some(start) = initial.get(&row.id) else {
+            violations.push(format!("book {} is not in the catalog the store was loaded with", row.id));
+            continue;
+        };
+        if start + row.restocked != row.stock + sold {
+            violations.push(format!(
+                "book {}: initial {start} + restocked {} != stock {} + confirmed {sold}",
+                row.id, row.restocked, row.stock
+            ));
+        }
+    }
+    let sold_keys: BTreeSet<(String, u64, u32)> = ledger.sold_keys.iter().cloned().collect();
+    let confirmed_keys: BTreeSet<(String, u64, u32)> =
+        confirmed.iter().map(|o| (o.key.clone(), o.item_id, o.quantity)).collect();
+    if sold_keys != confirmed_keys {
+        let only_sold: Vec<_> = sold_keys.difference(&confirmed_keys).take(5).collect();
+        let only_confirmed: Vec<_> = confirmed_keys.difference(&sold_keys).take(5).collect();
+        violations.push(format!(
+            "catalog sales and confirmed orders differ: sold only {only_sold:?}, confirmed only {only_confirmed:?}"
+        ));
+    }
+    let keys: BTreeSet<&str> = orders.iter().map(|o| o.key.as_str()).collect();
+    if keys.len() != orders.len() {
+        violations.push("an idempotency key has two orders".into());
+    }
+    let by_id: HashMap<u64, &Order> = orders.iter().map(|o| (o.order_id, o)).collect();
+    for receipt in &work.acked {
+        match by_id.get(&receipt.order_id) {
+            None => violations.push(format!("acknowledged order {} lost", receipt.order_id)),
+            Some(o)
+                if o.state != OrderState::Confirmed
+                    || (o.item_id, o.quantity) != (receipt.item_id, receipt.quantity) =>
+            {
+                violations.push(format!("acknowledged order {} is now {o:?}", receipt.order_id))
+            }
+            Some(_) => {}
+        }
+    }
+    let fin = Final {
+        at,
+        initial: initial.clone(),
+        stock: ledger.books.iter().map(|b| (b.id, b.stock)).collect(),
+        sold: ledger.sold_keys.iter().map(|(key, item, qty)| (key.clone(), (*item, *qty))).collect(),
+        order_of: orders.iter().map(|o| (o.key.clone(), o.order_id)).collect(),
+        restocks: ledger.restocks.iter().map(|&(_, item, qty)| (item, qty)).collect(),
+    };
+    let verdict = history::check(&work.history, &fin, &work.items);
+    violations.extend(verdict.violations.iter().cloned());
+    Audit { violations, verdict }
 }
 
 /// What a workload observed.
@@ -317,8 +390,14 @@ pub struct Report {
     pub buy_errors: BTreeMap<String, u64>,
     /// Reads an emulated cloud shed as `dropped`.
     pub dropped_reads: u64,
-    /// Anything that breaks a guarantee: a failed read, an undocumented answer, a stale read.
+    /// Anything that breaks a guarantee on its own: a failed read, an undocumented answer.
     pub violations: Vec<String>,
+    /// Every request and its answer, for the linearizability check.
+    pub history: Vec<Op>,
+    /// The books the workload shopped for (its history covers all their writes).
+    pub items: Vec<u64>,
+    /// When the workload began: the zero of the history's clock.
+    pub began: Option<Instant>,
 }
 
 impl Report {
@@ -340,9 +419,25 @@ fn patient() -> String {
     quire_common::Deadline::after(Duration::from_secs(5)).header_value()
 }
 
-/// Concurrent shoppers: buyers with their own idempotency keys, readers checking that no
-/// lookup returns stock older than an acknowledged buy. Restocks must be off (stock then
-/// only falls, so "older" is "higher").
+/// Who shops, and where: buyers go through `targets[0]` (the edge); readers take turns over
+/// every target (the edge and, when given, each frontend directly).
+pub struct Shoppers {
+    pub targets: Vec<String>,
+    pub items: Vec<u64>,
+    /// A topic every item is filed under: readers also search it.
+    pub topic: Option<String>,
+    pub buyers: usize,
+    pub readers: usize,
+}
+
+impl Shoppers {
+    pub fn new(edge: &str, items: Vec<u64>) -> Self {
+        Shoppers { targets: vec![edge.to_string()], items, topic: None, buyers: 4, readers: 4 }
+    }
+}
+
+/// Concurrent shoppers: buyers with their own idempotency keys, who read back some of their
+/// orders; readers who look books up and search. Everything is recorded in the history.
 pub struct Workload {
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -353,114 +448,157 @@ pub struct Workload {
     pub began: Instant,
 }
 
+/// Shared by a workload's tasks.
+#[derive(Clone)]
+struct Recorder {
+    report: Arc<Mutex<Report>>,
+    began: Instant,
+}
+
+impl Recorder {
+    fn now(&self) -> Duration {
+        self.began.elapsed()
+    }
+
+    fn record(&self, client: usize, call: Call, sent: Duration, outcome: Outcome, problem: Option<String>) {
+        let op = Op { client, call, sent, answered: self.now(), outcome };
+        let mut report = self.report.lock().expect("report");
+        if let Some(problem) = problem {
+            report.violations.push(format!("{problem} at +{:.1?}", op.sent));
+        }
+        report.history.push(op);
+    }
+}
+
 impl Workload {
     pub fn start(edge: &str, items: Vec<u64>, buyers: usize, readers: usize) -> Workload {
+        Shoppers { buyers, readers, ..Shoppers::new(edge, items) }.start()
+    }
+}
+
+impl Shoppers {
+    pub fn start(self) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
-        let report = Arc::new(Mutex::new(Report::default()));
-        // Lowest stock_left acknowledged so far per item, and when.
-        let floors: Arc<Mutex<HashMap<u64, i64>>> = Arc::new(Mutex::new(HashMap::new()));
+        let began = Instant::now();
+        let report =
+            Arc::new(Mutex::new(Report { items: self.items.clone(), began: Some(began), ..Report::default() }));
+        let recorder = Recorder { report: report.clone(), began };
         let reads_done = Arc::new(AtomicU64::new(0));
         let buys_done = Arc::new(AtomicU64::new(0));
         let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().expect("client");
-        let began = Instant::now();
+        let targets = Arc::new(self.targets);
+        let items = Arc::new(self.items);
         let mut tasks = Vec::new();
-        for b in 0..buyers {
-            let (stop, report, floors, client, edge, items, done) = (
-                stop.clone(),
-                report.clone(),
-                floors.clone(),
-                client.clone(),
-                edge.to_string(),
-                items.clone(),
-                buys_done.clone(),
-            );
+        for b in 0..self.buyers {
+            let (stop, recorder, client, targets, items, done) =
+                (stop.clone(), recorder.clone(), client.clone(), targets.clone(), items.clone(), buys_done.clone());
             tasks.push(tokio::spawn(async move {
+                let edge = &targets[0];
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
                     let item = items[(n as usize * 7 + b) % items.len()];
                     let key = format!("buyer{b}-{n}-{}", rand_suffix());
-                    let quantity = 1 + (n % 2);
-                    let sent = client
+                    let quantity = 1 + (n % 2) as u32;
+                    let sent = recorder.now();
+                    let answer = client
                         .post(format!("{edge}/buy/{item}"))
                         .header(headers::IDEMPOTENCY_KEY, &key)
                         .header(headers::DEADLINE, patient())
                         .json(&serde_json::json!({ "quantity": quantity }))
                         .send()
                         .await;
-                    let outcome = classify(sent).await;
-                    let mut report = report.lock().expect("report");
-                    report.buys += 1;
-                    match outcome {
-                        Ok((200, body)) => match serde_json::from_value::<Receipt>(body.clone()) {
-                            Ok(receipt) => {
-                                let mut floors = floors.lock().expect("floors");
-                                let floor = floors.entry(item).or_insert(i64::MAX);
-                                *floor = (*floor).min(receipt.stock_left);
-                                report.acked.push(receipt);
+                    let call = Call::Buy { item, quantity, key: key.clone() };
+                    let (outcome, problem) = buy_outcome(classify(answer).await);
+                    let receipt = match &outcome {
+                        Outcome::Receipt(r) => Some(r.clone()),
+                        _ => None,
+                    };
+                    {
+                        let mut report = recorder.report.lock().expect("report");
+                        report.buys += 1;
+                        match &outcome {
+                            Outcome::Receipt(r) => report.acked.push(r.clone()),
+                            Outcome::OutOfStock => {
+                                *report.buy_errors.entry("409 out_of_stock".into()).or_default() += 1
                             }
-                            Err(e) => report.violations.push(format!("buy {key}: bad receipt {body}: {e}")),
-                        },
-                        Ok((status, body)) if documented_buy_error(status, &body) => {
-                            *report.buy_errors.entry(format!("{status} {}", body["error"])).or_default() += 1;
+                            Outcome::Refused(code) | Outcome::Unknown(code) => {
+                                *report.buy_errors.entry(code.clone()).or_default() += 1
+                            }
+                            _ => {}
                         }
-                        Ok((status, body)) => {
-                            report.violations.push(format!("buy {key}: undocumented {status} {body}"))
-                        }
-                        Err(e) => report.violations.push(format!("buy {key}: no answer from the edge: {e}")),
                     }
+                    recorder.record(b, call, sent, outcome, problem.map(|p| format!("buy {key}: {p}")));
                     done.fetch_add(1, Ordering::Relaxed);
+                    // Read back every fourth order: it must be confirmed.
+                    if let Some(r) = receipt.filter(|_| n.is_multiple_of(4)) {
+                        let sent = recorder.now();
+                        let answer = client
+                            .get(format!("{edge}/orders/{}", r.order_id))
+                            .header(headers::DEADLINE, patient())
+                            .send()
+                            .await;
+                        let (outcome, problem) = read_outcome(classify(answer).await, true, |body| {
+                            serde_json::from_value::<Order>(body).ok().map(Outcome::Order)
+                        });
+                        let call = Call::Order { order_id: r.order_id, item: r.item_id };
+                        recorder.record(b, call, sent, outcome, problem.map(|p| format!("order {}: {p}", r.order_id)));
+                    }
                 }
             }));
         }
-        for r in 0..readers {
-            let (stop, report, floors, client, edge, items, done) = (
+        for r in 0..self.readers {
+            let (stop, recorder, client, targets, items, done, topic) = (
                 stop.clone(),
-                report.clone(),
-                floors.clone(),
+                recorder.clone(),
                 client.clone(),
-                edge.to_string(),
+                targets.clone(),
                 items.clone(),
                 reads_done.clone(),
+                self.topic.clone(),
             );
+            let process = self.buyers + r;
             tasks.push(tokio::spawn(async move {
                 let mut n = 0usize;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
+                    let via_edge = (n + r).is_multiple_of(targets.len());
+                    let target = &targets[(n + r) % targets.len()];
                     let item = items[(n * 3 + r) % items.len()];
-                    let floor = floors.lock().expect("floors").get(&item).copied();
-                    let outcome = classify(
-                        client.get(format!("{edge}/lookup/{item}")).header(headers::DEADLINE, patient()).send().await,
-                    )
-                    .await;
-                    let mut report = report.lock().expect("report");
-                    report.reads += 1;
-                    match outcome {
-                        Ok((200, body)) => {
-                            let stock = body["stock"].as_i64().unwrap_or(i64::MAX);
-                            if let Some(floor) = floor {
-                                if stock > floor {
-                                    report.violations.push(format!(
-                                        "stale read: book {item} showed stock {stock} after a buy left {floor}"
-                                    ));
-                                }
-                            }
+                    let (call, path) = match &topic {
+                        Some(topic) if n.is_multiple_of(8) => {
+                            let path = format!("/search/{}", topic.replace(' ', "%20"));
+                            (Call::Search { path: path.clone(), expected: items.to_vec() }, path)
                         }
-                        // An emulated cloud (`cloud-sim`) sheds what it cannot serve in time:
-                        // documented, and no stale read.
-                        Ok((503, body)) if body["error"] == "dropped" => report.dropped_reads += 1,
-                        Ok((status, body)) => report
-                            .violations
-                            .push(format!("read of {item} failed at +{:.1?}: {status} {body}", began.elapsed())),
-                        Err(e) => report.violations.push(format!("read of {item}: no answer from the edge: {e}")),
+                        _ => (Call::Lookup { item }, format!("/lookup/{item}")),
+                    };
+                    let sent = recorder.now();
+                    let answer =
+                        client.get(format!("{target}{path}")).header(headers::DEADLINE, patient()).send().await;
+                    let (outcome, problem) = read_outcome(classify(answer).await, via_edge, |body| match call {
+                        Call::Lookup { .. } => body["stock"].as_i64().map(|stock| Outcome::Book { stock }),
+                        _ => body["items"]
+                            .as_array()
+                            .map(|a| Outcome::Listed(a.iter().filter_map(|i| i["id"].as_u64()).collect())),
+                    });
+                    {
+                        let mut report = recorder.report.lock().expect("report");
+                        report.reads += 1;
+                        if matches!(&outcome, Outcome::Refused(code) if code == "503 dropped") {
+                            report.dropped_reads += 1;
+                        }
                     }
+                    let problem = problem.map(|p| format!("read {target}{path}: {p}"));
+                    recorder.record(process, call, sent, outcome, problem);
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             }));
         }
         Workload { stop, tasks, report, reads_done, buys_done, began }
     }
+}
 
+impl Workload {
     /// Lets the workload make at least `reads` more reads and `buys` more buys.
     pub async fn progress(&self, reads: u64, buys: u64) {
         let (r0, b0) = (self.reads_done.load(Ordering::Relaxed), self.buys_done.load(Ordering::Relaxed));
@@ -485,23 +623,62 @@ fn rand_suffix() -> u32 {
     rand::random()
 }
 
-async fn classify(sent: reqwest::Result<reqwest::Response>) -> Result<(u16, Value), String> {
-    let response = sent.map_err(|e| e.to_string())?;
+/// An answer: status and JSON body, or why there was none (the request may have arrived).
+type Answer = Result<(u16, Value), String>;
+
+async fn classify(sent: reqwest::Result<reqwest::Response>) -> Answer {
+    let response = sent.map_err(|e| if e.is_connect() { format!("unreachable: {e}") } else { e.to_string() })?;
     let status = response.status().as_u16();
     let body: Value = response.json().await.map_err(|e| format!("{status} with a body that is not JSON: {e}"))?;
     Ok((status, body))
 }
 
-/// A buy error the API documents: 409 out_of_stock, 503 unavailable/dropped, 504
-/// deadline_exceeded, each with the documented body.
-fn documented_buy_error(status: u16, body: &Value) -> bool {
-    let code = body["error"].as_str().unwrap_or_default();
-    let has_message = body["message"].as_str().is_some_and(|m| !m.is_empty());
-    has_message
-        && matches!(
-            (status, code),
-            (409, "out_of_stock") | (503, "unavailable") | (503, "dropped") | (504, "deadline_exceeded")
-        )
+fn has_message(body: &Value) -> bool {
+    body["message"].as_str().is_some_and(|m| !m.is_empty())
+}
+
+/// A buy's answer as the history sees it, and what breaks a guarantee by itself. The API
+/// documents 409 `out_of_stock`, 503 `unavailable`/`dropped` (nothing was done) and 504
+/// `deadline_exceeded` (the outcome is not known yet).
+fn buy_outcome(answer: Answer) -> (Outcome, Option<String>) {
+    match answer {
+        Ok((200, body)) => match serde_json::from_value::<Receipt>(body.clone()) {
+            Ok(receipt) => (Outcome::Receipt(receipt), None),
+            Err(e) => (Outcome::Unknown("bad receipt".into()), Some(format!("bad receipt {body}: {e}"))),
+        },
+        Ok((status, body)) if has_message(&body) => {
+            let code = format!("{status} {}", body["error"].as_str().unwrap_or_default());
+            match code.as_str() {
+                "409 out_of_stock" => (Outcome::OutOfStock, None),
+                "503 unavailable" | "503 dropped" => (Outcome::Refused(code), None),
+                "504 deadline_exceeded" => (Outcome::Unknown(code), None),
+                _ => (Outcome::Unknown(code), Some(format!("undocumented {status} {body}"))),
+            }
+        }
+        Ok((status, body)) => (Outcome::Unknown(status.to_string()), Some(format!("undocumented {status} {body}"))),
+        Err(e) => (Outcome::Unknown(e.clone()), Some(format!("no answer from the edge: {e}"))),
+    }
+}
+
+/// A read's answer. Through the edge every read must be answered (`dropped` aside, which
+/// an emulated cloud may shed); a frontend read directly may be down itself (killed by the
+/// test), which no client of the store would see.
+fn read_outcome(
+    answer: Answer,
+    via_edge: bool,
+    parse: impl FnOnce(Value) -> Option<Outcome>,
+) -> (Outcome, Option<String>) {
+    match answer {
+        Ok((200, body)) => match parse(body.clone()) {
+            Some(outcome) => (outcome, None),
+            None => (Outcome::Unknown("bad body".into()), Some(format!("undocumented answer {body}"))),
+        },
+        Ok((404, body)) if body["error"] == "not_found" => (Outcome::NotFound, None),
+        Ok((503, body)) if body["error"] == "dropped" => (Outcome::Refused("503 dropped".into()), None),
+        Err(e) if !via_edge => (Outcome::Refused(e), None),
+        Ok((status, body)) => (Outcome::Unknown(status.to_string()), Some(format!("failed: {status} {body}"))),
+        Err(e) => (Outcome::Unknown(e.clone()), Some(format!("no answer: {e}"))),
+    }
 }
 
 impl Drop for TestStore {
