@@ -20,10 +20,25 @@ pub async fn replace_voter(
     add_url: &str,
 ) -> anyhow::Result<()> {
     let client = quire_common::client::http_client();
-    let leader = find_leader(&client, member).await?;
+    let mut leader = find_leader(&client, member).await?;
     tracing::info!(%leader, "adding node {add_id} as a learner");
-    let _: MembershipAnswer =
-        post(&client, &leader, "/admin/learners", token, &LearnerRequest { id: add_id, url: add_url.into() }).await?;
+    // The new node may still be starting (deciding who it is): the leader refuses to add it
+    // until it answers as `add_id`.
+    let started = std::time::Instant::now();
+    let learner = LearnerRequest { id: add_id, url: add_url.into() };
+    loop {
+        match post::<_, MembershipAnswer>(&client, &leader, "/admin/learners", token, &learner).await {
+            Ok(_) => break,
+            Err(CallError::Api(e))
+                if matches!(e.code, "unavailable" | "not_leader") && started.elapsed() < Duration::from_secs(60) =>
+            {
+                tracing::info!(error = %e, "node {add_id} not added yet");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                leader = find_leader(&client, member).await?;
+            }
+            Err(e) => anyhow::bail!("/admin/learners: {e}"),
+        }
+    }
     let status: quire_common::status::ServerStatus =
         client.get(format!("{leader}/status")).send().await?.json().await.context("leader status")?;
     let mut voters: BTreeSet<NodeId> = status.details["voters"]
@@ -36,7 +51,9 @@ pub async fn replace_voter(
     voters.insert(add_id);
     tracing::info!(?voters, "changing the voter set");
     let _: MembershipAnswer =
-        post(&client, &leader, "/admin/voters", token, &VotersRequest { voters, keep_learners: false }).await?;
+        post(&client, &leader, "/admin/voters", token, &VotersRequest { voters, keep_learners: false })
+            .await
+            .map_err(|e| anyhow::anyhow!("/admin/voters: {e}"))?;
     Ok(())
 }
 
@@ -61,8 +78,8 @@ async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
     path: &str,
     token: &str,
     body: &B,
-) -> anyhow::Result<T> {
+) -> Result<T, CallError> {
     let request =
         client.post(format!("{base}{path}")).header(headers::TOKEN, token).timeout(Duration::from_secs(60)).json(body);
-    call(request).await.map_err(|e: CallError| anyhow::anyhow!("{path}: {e}"))
+    call(request).await
 }

@@ -1,7 +1,7 @@
 //! The autoscaler's process backend: under `quire up`, a server is a child process of the
-//! supervisor, launched with the same flags as its tier's first server.
+//! supervisor, launched with the same flags as its tier's first server, numbered from the
+//! store layout's serial (`frontend-101`, `catalog-102` with Raft seat 102, ...).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,18 +10,13 @@ use quire_autoscaler::TierKind;
 
 use crate::supervisor::Store;
 
-/// Launched servers are numbered from here (`frontend-101`, `catalog-101` with Raft id 101),
-/// so a launched replica's id never collides with a voter's and is never reused in a run.
-const FIRST_SERIAL: u64 = 101;
-
 pub struct Processes {
     store: Arc<Store>,
-    serial: AtomicU64,
 }
 
 impl Processes {
     pub fn new(store: Arc<Store>) -> Self {
-        Processes { store, serial: AtomicU64::new(FIRST_SERIAL) }
+        Processes { store }
     }
 }
 
@@ -51,7 +46,8 @@ impl Backend for Processes {
     }
 
     async fn launch(&self, tier: TierKind) -> anyhow::Result<Server> {
-        let n = self.serial.fetch_add(1, Ordering::Relaxed);
+        // From the store's layout: never one a server of this or an earlier run had.
+        let n = self.store.next_serial()?;
         // Forking here, on a runtime worker, is deliberate: children die with the thread that
         // spawned them (PDEATHSIG), and workers live as long as the store.
         let (name, url) = match tier {

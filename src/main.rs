@@ -136,6 +136,10 @@ struct Common {
     /// Worker slots per server under `cloud-sim`.
     #[arg(long, env = "QUIRE_SLOTS", default_value_t = 1)]
     slots: u32,
+    /// Open every outgoing connection from this address (a server with an address of its
+    /// own on the loopback network).
+    #[arg(long)]
+    source_ip: Option<std::net::IpAddr>,
 }
 
 /// What a server's capacity is.
@@ -162,13 +166,27 @@ struct BalancerArgs {
 
 #[derive(Args)]
 struct RaftArgs {
+    /// This server's seat in its group: its Raft node id, or (for a data directory that
+    /// came back empty) the seat a new incarnation of it takes.
     #[arg(long)]
     id: u64,
     #[arg(long)]
     data_dir: PathBuf,
-    /// Found a new group with these voters (ID=URL, repeated); ignored once initialised.
+    /// The Raft group (default: the service's name). Every Raft RPC names it and a replica
+    /// refuses those of another group; give each store's groups their own.
+    #[arg(long)]
+    group: Option<String>,
+    /// Found a new group with these voters (ID=URL, repeated) when none of them has one yet.
     #[arg(long, value_parser = parse_member)]
     init: Vec<(u64, String)>,
+    /// Other members of the group (URL, repeated): asked who this replica is when its
+    /// data directory is empty.
+    #[arg(long)]
+    peer: Vec<String>,
+    /// This server has never run (a supervisor's word): with an empty data directory it
+    /// takes its seat's node id as is rather than start a new incarnation.
+    #[arg(long)]
+    first_start: bool,
     /// Balancers to register with.
     #[arg(long)]
     balancer: Vec<String>,
@@ -253,14 +271,18 @@ impl Common {
 }
 
 impl RaftArgs {
-    fn member(&self, common: &Common, name: String) -> quire_raft::Member {
+    fn member(&self, common: &Common, name: String, token: Token, service: &str) -> quire_raft::Member {
         quire_raft::Member {
             name,
             replica: quire_raft::ReplicaConfig {
-                id: self.id,
+                seat: self.id,
+                group: self.group.clone().unwrap_or_else(|| service.to_string()),
+                init: (!self.init.is_empty()).then(|| self.init.iter().cloned().collect()),
+                peers: self.peer.clone(),
+                first_start: self.first_start,
                 advertise: common.advertise(),
                 dir: self.data_dir.clone(),
-                token: Token::new(&common.token),
+                token,
                 tuning: quire_raft::Tuning {
                     heartbeat: self.heartbeat,
                     election_min: self.election_min,
@@ -269,28 +291,59 @@ impl RaftArgs {
                 },
                 capacity: common.capacity(),
             },
-            init_members: (!self.init.is_empty()).then(|| self.init.iter().cloned().collect()),
             balancers: self.balancer.clone(),
         }
     }
 }
 
-/// Sets up tracing, binds, and hands the listener to `run`.
+/// Sets up tracing, checks the token, binds, and hands the listener to `run`.
 async fn serve<F, Fut>(common: &Common, default_name: &str, run: F) -> anyhow::Result<()>
 where
-    F: FnOnce(TcpListener, String) -> Fut,
+    F: FnOnce(TcpListener, String, Token) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let name = common.name.clone().unwrap_or_else(|| default_name.to_string());
     let _guard = quire_common::telemetry::init(&name, common.log_file.as_deref())?;
-    let listener =
-        TcpListener::bind(&common.listen).await.with_context(|| format!("cannot listen on {}", common.listen))?;
-    let result = run(listener, name.clone()).await;
+    if let Some(ip) = common.source_ip {
+        quire_common::client::set_source(ip);
+    }
+    let started = async {
+        let token = Token::new(&common.token)?;
+        let listener = match inherited_listener(&common.listen)? {
+            Some(listener) => listener,
+            None => TcpListener::bind(&common.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", common.listen))?,
+        };
+        anyhow::Ok((listener, token))
+    };
+    let result = match started.await {
+        Ok((listener, token)) => run(listener, name.clone(), token).await,
+        Err(e) => Err(e),
+    };
     match &result {
         Ok(()) => tracing::info!(server = %name, "stopped"),
         Err(e) => tracing::error!(server = %name, error = %e, "failed"),
     }
     result
+}
+
+/// The listening socket a supervisor bound for this server and handed over at descriptor
+/// `QUIRE_LISTEN_FD`, so that no other process could take the port in between; it must be
+/// bound to `listen`'s port.
+#[allow(unsafe_code)]
+fn inherited_listener(listen: &str) -> anyhow::Result<Option<TcpListener>> {
+    use std::os::fd::FromRawFd;
+    let Some(fd) = std::env::var("QUIRE_LISTEN_FD").ok().and_then(|fd| fd.parse::<i32>().ok()) else {
+        return Ok(None);
+    };
+    // SAFETY: the supervisor hands over exactly one descriptor, a listening TCP socket, at
+    // `fd`, and nothing else in this process opens or owns it.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    let port = listener.local_addr().context("the inherited listener")?.port();
+    anyhow::ensure!(listen.ends_with(&format!(":{port}")), "the inherited listener is on port {port}, not {listen}");
+    listener.set_nonblocking(true)?;
+    Ok(Some(TcpListener::from_std(listener)?))
 }
 
 /// Runs the autoscaler over `store`'s processes, serving its `/status` on a free loopback
@@ -384,12 +437,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Balancer(args) => {
             let default_name = args.tier.to_string();
-            serve(&args.common, &default_name, |listener, name| {
+            serve(&args.common, &default_name, |listener, name, token| {
                 let config = quire_balancer::Config {
                     name,
                     tier: args.tier,
                     advertise_url: args.common.advertise(),
-                    token: Token::new(&args.common.token),
+                    token,
                     backends: args.backend.clone(),
                     heartbeat: quire_balancer::DEFAULT_HEARTBEAT,
                 };
@@ -399,9 +452,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Catalog(args) => {
             let default_name = format!("catalog-{}", args.raft.id);
-            serve(&args.common, &default_name, |listener, name| {
+            serve(&args.common, &default_name, |listener, name, token| {
                 let config = quire_catalog::Config {
-                    member: args.raft.member(&args.common, name),
+                    member: args.raft.member(&args.common, name, token, "catalog"),
                     catalog_csv: args.catalog.clone(),
                     restock: quire_catalog::RestockPolicy { amount: args.restock_amount, delay: args.restock_delay },
                     lease_ttl: args.lease,
@@ -412,9 +465,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Order(args) => {
             let default_name = format!("order-{}", args.raft.id);
-            serve(&args.common, &default_name, |listener, name| {
+            serve(&args.common, &default_name, |listener, name, token| {
                 let config = quire_order::Config {
-                    member: args.raft.member(&args.common, name),
+                    member: args.raft.member(&args.common, name, token, "order"),
                     catalog: args.catalog_balancer.clone(),
                     recover_after: args.recover_after,
                 };
@@ -423,11 +476,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Cmd::Frontend(args) => {
-            serve(&args.common, "frontend", |listener, name| {
+            serve(&args.common, "frontend", |listener, name, token| {
                 let config = quire_frontend::Config {
                     name,
                     advertise: args.common.advertise(),
-                    token: Token::new(&args.common.token),
+                    token,
                     catalog: args.catalog_balancer.clone(),
                     order: args.order_balancer.clone(),
                     edge: args.edge.clone(),

@@ -41,6 +41,10 @@ pub struct StoreOptions {
     pub frontend_args: Vec<String>,
     /// Send children's stderr to ours (their log files get everything regardless).
     pub verbose: bool,
+    /// Give every server an address of its own on the loopback network (127.0.0.10 and
+    /// up), and bind its outgoing connections to it, so that rules on addresses can cut one
+    /// server off (partition tests, inside a network namespace of their own).
+    pub distinct_hosts: bool,
 }
 
 impl StoreOptions {
@@ -60,6 +64,7 @@ impl StoreOptions {
             order_args: Vec::new(),
             frontend_args: Vec::new(),
             verbose: false,
+            distinct_hosts: false,
         }
     }
 }
@@ -72,9 +77,10 @@ pub struct Server {
     pub tier: String,
     pub url: String,
     pub pid: Option<u32>,
-    /// Role and flags, without `--init`.
+    /// Role and flags, without those of the first start.
     args: Vec<String>,
-    /// Flags given on the very first start only (founding a Raft group).
+    /// Flags given on the very first start only (`--init` and `--first-start`: founding a
+    /// Raft group, taking a seat as its first incarnation).
     #[serde(default)]
     first_start_args: Vec<String>,
     #[serde(default)]
@@ -83,13 +89,45 @@ pub struct Server {
     data_dir: Option<PathBuf>,
 }
 
+impl Server {
+    /// The address the server listens on (`host:port`).
+    pub fn listen(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+
+    fn port(&self) -> Option<u16> {
+        self.url.rsplit(':').next()?.parse().ok()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Layout {
     pub token: String,
+    /// Names this store's Raft groups (`catalog-ID`, `order-ID`): a replica refuses Raft
+    /// RPCs of another group, another store's included.
+    #[serde(default = "random_id")]
+    pub store_id: String,
     pub servers: Vec<Server>,
     /// Base URL of the autoscaler's `/status`, when `quire up` runs one.
     #[serde(default)]
     pub autoscaler: Option<String>,
+    /// The next serial for a launched server (`frontend-N`, or a replica with Raft seat N):
+    /// it only grows, across restarts of `quire up` too, so no name or seat is used twice.
+    #[serde(default = "first_serial")]
+    pub next_serial: u64,
+}
+
+/// Launched servers are numbered from here, above the voters' seats.
+pub const FIRST_SERIAL: u64 = 101;
+
+fn first_serial() -> u64 {
+    FIRST_SERIAL
+}
+
+fn random_id() -> String {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    (0..8).map(|_| format!("{:x}", rng.gen_range(0..16u8))).collect()
 }
 
 impl Layout {
@@ -115,19 +153,51 @@ impl Layout {
     }
 }
 
-/// A port free now, chosen below the kernel's ephemeral range (32768 and up on Linux): a
-/// server keeps its port across restarts, and a port from the ephemeral range could be
-/// taken meanwhile by any process's outgoing connection.
-fn free_port() -> anyhow::Result<u16> {
-    use rand::Rng;
-    let mut rng = rand::thread_rng();
-    for _ in 0..200 {
-        let port = rng.gen_range(20_000..32_000);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
+/// The ports of one store: none is handed out twice, and a new one is held (bound) from
+/// the moment it is chosen until its server takes it over, so that no other process can
+/// take it in between.
+struct Ports {
+    taken: std::collections::BTreeSet<(String, u16)>,
+    held: HashMap<String, std::net::TcpListener>,
+}
+
+impl Ports {
+    /// A free port on `host` for server `name`, chosen below the kernel's ephemeral range
+    /// (32768 and up on Linux): a server keeps its port across restarts, and a port from
+    /// the ephemeral range could be taken meanwhile by any process's outgoing connection.
+    fn pick(&mut self, name: &str, host: &str) -> anyhow::Result<u16> {
+        use rand::Rng;
+        let mut rng = rand::thread_rng();
+        for _ in 0..200 {
+            let port = rng.gen_range(20_000..32_000);
+            if self.taken.contains(&(host.to_string(), port)) {
+                continue;
+            }
+            if let Ok(listener) = std::net::TcpListener::bind((host, port)) {
+                self.taken.insert((host.to_string(), port));
+                self.held.insert(name.to_string(), listener);
+                return Ok(port);
+            }
         }
+        anyhow::bail!("no free port between 20000 and 32000 on {host}")
     }
-    anyhow::bail!("no free port between 20000 and 32000 on 127.0.0.1")
+
+    /// Records a port given by hand or kept from an earlier run; refuses one already taken.
+    fn keep(
+        &mut self,
+        name: &str,
+        host: &str,
+        port: u16,
+        owner: &HashMap<(String, u16), String>,
+    ) -> anyhow::Result<()> {
+        if !self.taken.insert((host.to_string(), port)) {
+            let other = owner.get(&(host.to_string(), port)).map_or("another server", String::as_str);
+            anyhow::bail!(
+                "{name} and {other} would share {host}:{port}: every server of a store needs a port of its own"
+            );
+        }
+        Ok(())
+    }
 }
 
 fn random_token() -> String {
@@ -136,32 +206,45 @@ fn random_token() -> String {
     (0..32).map(|_| format!("{:x}", rng.gen_range(0..16u8))).collect()
 }
 
-/// Lays out the store: reuses the ports and token of an existing `store.json`.
-pub fn plan(opts: &StoreOptions) -> anyhow::Result<Layout> {
+/// Lays out the store: reuses the ports, token and store id of an existing `store.json`,
+/// and holds every new port until its server is started.
+fn plan(opts: &StoreOptions) -> anyhow::Result<(Layout, HashMap<String, std::net::TcpListener>)> {
     let old = Layout::load(&opts.data_dir).ok();
-    let port_of = |name: &str, fallback: u16| -> anyhow::Result<u16> {
-        if let Some(url) = old.as_ref().and_then(|l| l.get(name)).map(|s| s.url.clone()) {
-            if let Some(port) = url.rsplit(':').next().and_then(|p| p.parse().ok()) {
-                return Ok(port);
-            }
+    let mut ports = Ports { taken: Default::default(), held: HashMap::new() };
+    let mut owner: HashMap<(String, u16), String> = HashMap::new();
+    // The host of every server: 127.0.0.1, or one address each.
+    let mut hosts: HashMap<String, String> = HashMap::new();
+    let mut host_of = |name: &str| -> String {
+        if !opts.distinct_hosts {
+            return "127.0.0.1".into();
         }
-        if fallback != 0 {
-            return Ok(fallback);
-        }
-        free_port()
+        let next = format!("127.0.0.{}", 10 + hosts.len());
+        hosts.entry(name.to_string()).or_insert(next).clone()
     };
-    let url = |port: u16| format!("http://127.0.0.1:{port}");
+    let mut url_of = |name: &str, fixed: u16| -> anyhow::Result<String> {
+        let host = host_of(name);
+        let kept = old.as_ref().and_then(|l| l.get(name)).and_then(Server::port);
+        let port = match kept.or((fixed != 0).then_some(fixed)) {
+            Some(port) => {
+                ports.keep(name, &host, port, &owner)?;
+                port
+            }
+            None => ports.pick(name, &host)?,
+        };
+        owner.insert((host.clone(), port), name.to_string());
+        Ok(format!("http://{host}:{port}"))
+    };
     let dir = &opts.data_dir;
-    let log = |name: &str| dir.join("logs").join(format!("{name}.log")).to_string_lossy().to_string();
     let token = opts.token.clone().or_else(|| old.as_ref().map(|l| l.token.clone())).unwrap_or_else(random_token);
+    quire_common::http::Token::new(&token)?;
+    let store_id = old.as_ref().map_or_else(random_id, |l| l.store_id.clone());
 
-    let edge = url(port_of("edge", opts.edge_port)?);
-    let balancers = |tier: &str| -> anyhow::Result<Vec<(String, String)>> {
+    let edge = url_of("edge", opts.edge_port)?;
+    let mut balancers = |tier: &str| -> anyhow::Result<Vec<(String, String)>> {
         (1..=opts.balancers.max(1))
             .map(|i| {
                 let name = format!("{tier}-balancer-{i}");
-                let port = port_of(&name, 0)?;
-                Ok((name, url(port)))
+                Ok((name.clone(), url_of(&name, 0)?))
             })
             .collect()
     };
@@ -171,14 +254,16 @@ pub fn plan(opts: &StoreOptions) -> anyhow::Result<Layout> {
         urls.iter().flat_map(|(_, u)| [flag.to_string(), u.clone()]).collect()
     };
     let frontends: Vec<(String, String)> = (1..=opts.frontends)
-        .map(|i| Ok((format!("frontend-{i}"), url(port_of(&format!("frontend-{i}"), 0)?))))
+        .map(|i| {
+            let name = format!("frontend-{i}");
+            Ok((name.clone(), url_of(&name, 0)?))
+        })
         .collect::<anyhow::Result<_>>()?;
-    let group = |tier: &str| -> anyhow::Result<Vec<(u64, String, String)>> {
+    let mut group = |tier: &str| -> anyhow::Result<Vec<(u64, String, String)>> {
         (1..=opts.replicas as u64)
             .map(|i| {
                 let name = format!("{tier}-{i}");
-                let port = port_of(&name, 0)?;
-                Ok((i, name, url(port)))
+                Ok((i, name.clone(), url_of(&name, 0)?))
             })
             .collect()
     };
@@ -188,9 +273,12 @@ pub fn plan(opts: &StoreOptions) -> anyhow::Result<Layout> {
     let mut servers = Vec::new();
     let mut add = |name: &str, tier: &str, url: &str, args: Vec<String>, first: Vec<String>, data: Option<PathBuf>| {
         let mut full = args;
-        full.extend(["--name".into(), name.into(), "--log-file".into(), log(name)]);
         let listen = url.trim_start_matches("http://").to_string();
-        full.extend(["--listen".into(), listen, "--advertise".into(), url.into()]);
+        full.extend(["--name".into(), name.into(), "--listen".into(), listen, "--advertise".into(), url.into()]);
+        if opts.distinct_hosts {
+            let host = url.trim_start_matches("http://").rsplit_once(':').map_or("", |(h, _)| h).to_string();
+            full.extend(["--source-ip".into(), host]);
+        }
         servers.push(Server {
             name: name.into(),
             tier: tier.into(),
@@ -216,17 +304,23 @@ pub fn plan(opts: &StoreOptions) -> anyhow::Result<Layout> {
         add(name, "order-balancer", u, balancer("order", orders.iter().map(|c| &c.2).collect()), vec![], None);
     }
     for (tier, members) in [("catalog", &catalogs), ("order", &orders)] {
-        let init: Vec<String> =
+        let mut first: Vec<String> =
             members.iter().flat_map(|(id, _, u)| ["--init".to_string(), format!("{id}={u}")]).collect();
+        first.push("--first-start".into());
         for (id, name, u) in members {
             let data = dir.join(name);
             let mut args = vec![
                 tier.to_string(),
                 "--id".into(),
                 id.to_string(),
+                "--group".into(),
+                format!("{tier}-{store_id}"),
                 "--data-dir".into(),
                 data.to_string_lossy().to_string(),
             ];
+            for (_, _, peer) in members.iter().filter(|(other, _, _)| other != id) {
+                args.extend(["--peer".into(), peer.clone()]);
+            }
             if tier == "catalog" {
                 args.extend(flags("--balancer", &catalog_balancers));
                 if let Some(csv) = &opts.catalog_csv {
@@ -240,7 +334,7 @@ pub fn plan(opts: &StoreOptions) -> anyhow::Result<Layout> {
                 args.extend(flags("--catalog-balancer", &catalog_balancers));
                 args.extend(opts.order_args.iter().cloned());
             }
-            add(name, tier, u, args, init.clone(), Some(data));
+            add(name, tier, u, args, first.clone(), Some(data));
         }
     }
     for (name, u) in &frontends {
@@ -252,7 +346,16 @@ pub fn plan(opts: &StoreOptions) -> anyhow::Result<Layout> {
         add(name, "frontend", u, args, vec![], None);
     }
     add("edge", "edge", &edge, balancer("edge", frontends.iter().map(|f| &f.1).collect()), vec![], None);
-    Ok(Layout { token, servers, autoscaler: None })
+    // Serials only grow: past what the last run handed out and every server it left.
+    let serial_of = |s: &Server| s.name.rsplit('-').next().and_then(|n| n.parse::<u64>().ok());
+    let next_serial = old
+        .iter()
+        .flat_map(|l| l.servers.iter().filter_map(serial_of).map(|n| n + 1).chain([l.next_serial]))
+        .chain([FIRST_SERIAL])
+        .max()
+        .unwrap_or(FIRST_SERIAL);
+    let layout = Layout { token, store_id, servers, autoscaler: None, next_serial };
+    Ok((layout, ports.held))
 }
 
 /// A running store: the children and the layout.
@@ -262,13 +365,18 @@ pub struct Store {
     verbose: bool,
     layout: Mutex<Layout>,
     children: Mutex<HashMap<String, Child>>,
+    /// Listening sockets bound for servers not started yet (see [`Store::spawn`]).
+    listeners: Mutex<HashMap<String, std::net::TcpListener>>,
 }
+
+/// The descriptor at which a server finds the listening socket its supervisor bound for it.
+pub const LISTEN_FD: i32 = 3;
 
 impl Store {
     /// Plans the store and starts every server.
     pub fn launch(opts: &StoreOptions) -> anyhow::Result<Store> {
         std::fs::create_dir_all(opts.data_dir.join("logs"))?;
-        let layout = plan(opts)?;
+        let (layout, listeners) = plan(opts)?;
         layout.save(&opts.data_dir)?;
         let store = Store {
             dir: opts.data_dir.clone(),
@@ -276,6 +384,7 @@ impl Store {
             verbose: opts.verbose,
             layout: Mutex::new(layout),
             children: Mutex::new(HashMap::new()),
+            listeners: Mutex::new(listeners),
         };
         let names: Vec<String> = store.layout().servers.iter().map(|s| s.name.clone()).collect();
         for name in names {
@@ -308,12 +417,27 @@ impl Store {
         self.layout().servers.iter().filter(|s| s.tier == tier).map(|s| s.name.clone()).collect()
     }
 
-    /// Starts `name` (which must not be running).
+    /// The log file of server `name`.
+    pub fn log_file(&self, name: &str) -> PathBuf {
+        self.dir.join("logs").join(format!("{name}.log"))
+    }
+
+    /// Starts `name` (which must not be running). Its listening socket is bound here (or
+    /// was, when its port was chosen) and handed to the child as descriptor
+    /// [`LISTEN_FD`]: the port is never free for another process to take in between. Its
+    /// stderr goes to its log file (and to ours with `verbose`).
     pub fn spawn(&self, name: &str) -> anyhow::Result<u32> {
         let mut layout = self.layout.lock().unwrap_or_else(|e| e.into_inner());
         let token = layout.token.clone();
         let server =
             layout.servers.iter_mut().find(|s| s.name == name).with_context(|| format!("no server named {name}"))?;
+        let held = self.listeners.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        let listener = match held {
+            Some(listener) => listener,
+            None => std::net::TcpListener::bind(server.listen())
+                .with_context(|| format!("cannot listen on {} for {name}", server.listen()))?,
+        };
+        let log = self.log_file(name);
         let mut command = Command::new(&self.binary);
         command.args(&server.args);
         if !server.started {
@@ -322,13 +446,19 @@ impl Store {
         // glibc gives each thread that allocates its own arena, which keeps freed pages; two
         // arenas (one per core here) hold memory flat without making threads contend.
         command.env("MALLOC_ARENA_MAX", "2");
-        command.env("QUIRE_TOKEN", &token).stdin(Stdio::null()).stdout(Stdio::null()).stderr(if self.verbose {
-            Stdio::inherit()
+        command.env("QUIRE_TOKEN", &token).env("QUIRE_LISTEN_FD", LISTEN_FD.to_string());
+        command.stdin(Stdio::null()).stdout(Stdio::null());
+        if self.verbose {
+            command.arg("--log-file").arg(&log).stderr(Stdio::inherit());
         } else {
-            Stdio::null()
-        });
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+            command.stderr(file);
+        }
         die_with_parent(&mut command);
+        hand_over(&mut command, &listener);
         let child = command.spawn().with_context(|| format!("cannot start {name}"))?;
+        // The child has its own copy of the socket now.
+        drop(listener);
         let pid = child.id();
         server.pid = Some(pid);
         server.started = true;
@@ -336,6 +466,16 @@ impl Store {
         drop(layout);
         self.children.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), child);
         Ok(pid)
+    }
+
+    /// The next serial for a launched server; recorded at once, so it is never handed out
+    /// again, even by a later run of `quire up`.
+    pub fn next_serial(&self) -> anyhow::Result<u64> {
+        let mut layout = self.layout.lock().unwrap_or_else(|e| e.into_inner());
+        let serial = layout.next_serial;
+        layout.next_serial += 1;
+        layout.save(&self.dir)?;
+        Ok(serial)
     }
 
     /// Sends `signal` to `name`; after SIGKILL, reaps it.
@@ -402,7 +542,13 @@ impl Store {
             let old_url = template.url.clone();
             let old_dir = template.data_dir.clone().unwrap_or_default().to_string_lossy().to_string();
             let old_log = self.dir.join("logs").join(format!("{}.log", template.name)).to_string_lossy().to_string();
-            let url = format!("http://127.0.0.1:{}", free_port()?);
+            let host = template.listen().rsplit_once(':').map_or("127.0.0.1", |(h, _)| h).to_string();
+            let mut ports = Ports {
+                taken: layout.servers.iter().filter_map(|s| Some((host.clone(), s.port()?))).collect(),
+                held: HashMap::new(),
+            };
+            let url = format!("http://{host}:{}", ports.pick(name, &host)?);
+            self.listeners.lock().unwrap_or_else(|e| e.into_inner()).extend(ports.held);
             let data = template.data_dir.is_some().then(|| self.dir.join(name));
             let new_log = self.dir.join("logs").join(format!("{name}.log")).to_string_lossy().to_string();
             let listen = url.trim_start_matches("http://").to_string();
@@ -520,6 +666,27 @@ impl Drop for Store {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Gives the child `listener` as descriptor [`LISTEN_FD`] (std opens every descriptor
+/// close-on-exec, so the child inherits this one alone).
+#[allow(unsafe_code)]
+fn hand_over(command: &mut Command, listener: &std::net::TcpListener) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = listener.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and only makes the
+    // async-signal-safe dup2(2) and fcntl(2) system calls.
+    unsafe {
+        command.pre_exec(move || {
+            if fd == LISTEN_FD {
+                nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+            } else {
+                nix::unistd::dup2(fd, LISTEN_FD)?;
+            }
+            Ok(())
+        });
     }
 }
 

@@ -199,7 +199,7 @@ async fn faults_across_containers() {
         .expect("override");
     let stack = Stack {
         project: format!("quiretest{}", std::process::id()),
-        token: format!("token-{}", std::process::id()),
+        token: format!("test-token-of-the-stack-{}", std::process::id()),
         client: quire_common::client::http_client(),
         dir,
     };
@@ -336,7 +336,7 @@ async fn containers_scale_out_and_in() {
     }
     let stack = Stack {
         project: format!("quirescale{}", std::process::id()),
-        token: format!("token-{}", std::process::id()),
+        token: format!("test-token-of-the-stack-{}", std::process::id()),
         client: quire_common::client::http_client(),
         dir: tempfile::tempdir().expect("tempdir"),
     };

@@ -212,8 +212,10 @@ fn parse_subnet(text: &str) -> Option<(Ipv4Addr, u32)> {
 }
 
 /// The template's command for a new server `name` reached at `url`: its own `--name` and
-/// `--advertise`; for a replica, Raft id `id`, a data directory of its own, and no `--init`
-/// (a learner joins the group; it never founds one). Takes `--flag value` and `--flag=value`.
+/// `--advertise`; for a replica, Raft seat `id`, a data directory of its own, and the
+/// founding voters as `--peer`s rather than `--init` (a learner joins the group; it never
+/// founds one, but asks the voters who it is should its directory be empty). Takes `--flag
+/// value` and `--flag=value`.
 fn rewrite_command(template: &[String], name: &str, url: &str, id: Option<u64>) -> Vec<String> {
     let mut replaced: BTreeMap<&str, String> =
         [("--name", name.to_string()), ("--advertise", url.to_string())].into_iter().collect();
@@ -230,8 +232,12 @@ fn rewrite_command(template: &[String], name: &str, url: &str, id: Option<u64>) 
             _ => (arg.as_str(), None),
         };
         if flag == "--init" {
-            if inline.is_none() {
-                args.next();
+            let member = match inline {
+                Some(value) => Some(value),
+                None => args.next().map(String::as_str),
+            };
+            if let Some((_, peer)) = member.and_then(|m| m.split_once('=')) {
+                out.extend(["--peer".to_string(), peer.to_string()]);
             }
             continue;
         }
@@ -483,7 +489,7 @@ mod tests {
     }
 
     #[test]
-    fn a_replica_copy_gets_its_own_identity_and_never_founds_a_group() {
+    fn a_replica_copy_gets_its_own_identity_and_asks_the_founders_rather_than_found() {
         let template = args(
             "catalog --id 1 --name catalog-1 --listen 0.0.0.0:7000 --advertise http://catalog-1:7000 \
              --data-dir /data --balancer http://catalog-balancer-1:7000 \
@@ -494,7 +500,8 @@ mod tests {
             copy,
             args(
                 "catalog --id 101 --name catalog-101 --listen 0.0.0.0:7000 --advertise http://catalog-101:7000 \
-                 --data-dir /data/catalog-101 --balancer http://catalog-balancer-1:7000"
+                 --data-dir /data/catalog-101 --balancer http://catalog-balancer-1:7000 \
+                 --peer http://catalog-1:7000 --peer http://catalog-2:7000"
             )
         );
     }

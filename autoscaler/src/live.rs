@@ -19,8 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::future::join_all;
 use quire_common::capacity::Costs;
 use quire_common::headers;
+use quire_common::node::seat;
 use quire_common::samples::{FleetStatus, TierFleet, TierSample};
-use quire_common::status::ServerStatus;
+use quire_common::status::{Role, ServerStatus};
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -168,9 +169,11 @@ impl<B: Backend> Autoscaler<B> {
     /// One period: observe, account, decide, act.
     async fn step(self: &Arc<Self>, dt: f64) {
         let (samples, probes) = tokio::join!(self.samples(), self.probe_servers());
+        self.remove_strays(&probes).await;
         let observation = {
             let mut state = self.state();
-            for (name, ready) in probes {
+            for (name, status) in probes {
+                let ready = status.is_some_and(|s| s.ready);
                 if let Some(t) = state.servers.iter_mut().find(|t| t.server.name == name) {
                     if t.phase != Phase::Draining {
                         t.phase = if ready { Phase::Ready } else { Phase::Booting };
@@ -247,8 +250,48 @@ impl<B: Backend> Autoscaler<B> {
         join_all(polls).await.into_iter().flatten().collect()
     }
 
-    /// `(name, ready)` of every server not draining.
-    async fn probe_servers(&self) -> Vec<(String, bool)> {
+    /// Removes from each group the learners no server of the fleet holds the seat of: one
+    /// whose removal failed when it was retired, or one left by an earlier run. A learner
+    /// of a tracked seat (a new incarnation taking a voter's place) is the fleet's own.
+    async fn remove_strays(&self, probes: &[(String, Option<ServerStatus>)]) {
+        for tier in [TierKind::Catalog, TierKind::Order] {
+            let names: Vec<String> = {
+                let state = self.state();
+                state.servers.iter().filter(|t| t.server.tier == tier).map(|t| t.server.name.clone()).collect()
+            };
+            let Some(leader) = probes
+                .iter()
+                .filter(|(name, _)| names.contains(name))
+                .filter_map(|(_, s)| s.as_ref())
+                .find(|s| s.role == Role::Leader)
+            else {
+                continue;
+            };
+            let seats: Vec<u64> = {
+                let state = self.state();
+                let tracked = state.servers.iter().filter(|t| t.server.tier == tier);
+                tracked.filter_map(|t| t.server.node_id.map(seat)).collect()
+            };
+            let strays: Vec<u64> = leader.details["learners"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|id| id.as_u64())
+                .filter(|id| !seats.contains(&seat(*id)))
+                .collect();
+            if strays.is_empty() {
+                continue;
+            }
+            warn!(tier = tier.name(), ?strays, "removing learners no server of the fleet holds");
+            let body = json!({ "ids": strays });
+            if let Err(e) = self.post_to_group(tier, "/admin/members/remove", &body, Duration::from_secs(10)).await {
+                warn!(tier = tier.name(), error = %e, "stray learners not removed yet");
+            }
+        }
+    }
+
+    /// `(name, status)` of every server not draining.
+    async fn probe_servers(&self) -> Vec<(String, Option<ServerStatus>)> {
         let targets: Vec<(String, String)> = self
             .state()
             .servers
@@ -256,11 +299,7 @@ impl<B: Backend> Autoscaler<B> {
             .filter(|t| t.phase != Phase::Draining)
             .map(|t| (t.server.name.clone(), t.server.url.clone()))
             .collect();
-        join_all(targets.into_iter().map(|(name, url)| async move {
-            let ready = self.get_status(&url).await.is_some_and(|s| s.ready);
-            (name, ready)
-        }))
-        .await
+        join_all(targets.into_iter().map(|(name, url)| async move { (name, self.get_status(&url).await) })).await
     }
 
     async fn get_status(&self, url: &str) -> Option<ServerStatus> {

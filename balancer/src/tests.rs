@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use super::*;
 
-const TOKEN: &str = "test-token";
+const TOKEN: &str = "test-token-of-the-balancer";
 
 /// What a test backend answers, changed by the test while it runs.
 struct Knobs {
@@ -149,7 +149,7 @@ async fn start_balancer(tier: Tier, backends: &[&TestBackend]) -> String {
         name: tier.to_string(),
         tier,
         advertise_url: url.clone(),
-        token: Token::new(TOKEN),
+        token: Token::new(TOKEN).unwrap(),
         backends: backends.iter().map(|b| format!("{}/", b.url)).collect(),
         heartbeat: DEFAULT_HEARTBEAT,
     };

@@ -18,7 +18,7 @@ use quire_common::http::{guarded, Json, Token};
 use quire_common::{ApiError, Deadline};
 use quire_raft::{Applied, Replica, WriteError};
 
-use crate::leases::Leases;
+use crate::leases::{Leases, Refusal};
 use crate::machine::Command;
 
 /// Budget of a request that arrives without a deadline header.
@@ -209,8 +209,8 @@ async fn restock(
     Json(req): Json<Restock>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let item_id = parse_id(&id)?;
-    if req.quantity == 0 || req.quantity > 1_000_000 {
-        return Err(ApiError::bad_request("invalid_quantity", "a restock is 1 to 1000000 copies"));
+    if req.quantity == 0 || req.quantity > MAX_RESTOCK {
+        return Err(ApiError::bad_request("invalid_quantity", format!("a restock is 1 to {MAX_RESTOCK} copies")));
     }
     restock_item(&c, item_id, req.quantity, Deadline::from_headers_or(&headers, DEFAULT_BUDGET)).await.map(axum::Json)
 }
@@ -223,11 +223,18 @@ pub async fn restock_item(
     deadline: Deadline,
 ) -> Result<serde_json::Value, ApiError> {
     let command = Command::Restock { item_id, quantity };
-    let applied = c.write_book(item_id, command, deadline, |applied| applied.index).await?;
-    if applied.response.get("error").is_some() {
-        return Err(ApiError::not_found(format!("no book with id {item_id}")));
+    // A refused restock leaves the book as it was (its version is no newer than the floor).
+    let applied = c
+        .write_book(item_id, command, deadline, |a| if a.response.get("error").is_some() { 0 } else { a.index })
+        .await?;
+    match applied.response["error"].as_str() {
+        None => Ok(applied.response),
+        Some("not_found") => Err(ApiError::not_found(format!("no book with id {item_id}"))),
+        Some(_) => Err(ApiError::bad_request(
+            "invalid_quantity",
+            format!("book {item_id} would hold more than {MAX_STOCK} copies"),
+        )),
     }
-    Ok(applied.response)
 }
 
 impl Catalog {
@@ -255,7 +262,8 @@ impl Catalog {
                 "the write was not confirmed in time; its outcome is unknown, retry with the same key",
             )
         };
-        let hold = match tokio::time::timeout(deadline.remaining(), self.leases.hold(item, term)).await {
+        let log = self.replica.metrics().last_log_index.unwrap_or(0);
+        let hold = match tokio::time::timeout(deadline.remaining(), self.leases.hold(item, term, log)).await {
             Ok(Ok(hold)) => hold,
             Ok(Err(_)) => return Err(ApiError::not_leader(self.replica.leader().map(|(_, url)| url))),
             // Nothing was proposed: the hold is released as it drops.
@@ -263,11 +271,15 @@ impl Catalog {
         };
         let replica = self.replica.clone();
         let proposal = tokio::spawn(async move {
-            let answer = replica.propose(command).await;
+            // Bound to the term of the hold: appended in a later term (this replica lost and
+            // regained leadership meanwhile), it is applied nowhere.
+            let answer = replica.propose_in_term(term, command).await;
             match &answer {
                 Ok(applied) => hold.release(version(applied)),
-                Err(WriteError::NotLeader(_)) => drop(hold),
-                Err(WriteError::Unknown(_)) => hold.keep(),
+                // Applied as a no-op everywhere: the book is as it was.
+                Err(WriteError::StaleTerm | WriteError::Rejected(_)) => drop(hold),
+                // A later leader may still apply it: held until this term's holds are void.
+                Err(WriteError::NotLeader(_) | WriteError::Unknown(_)) => hold.keep(),
             }
             answer
         });
@@ -295,7 +307,13 @@ async fn lease(
     if c.replica.leading_term() != Some(term) {
         return Err(not_leader());
     }
-    c.leases.grant(&req.frontend, asked_at, term).map(axum::Json).map_err(|_| not_leader())
+    let m = c.replica.metrics();
+    let (log, applied) = (m.last_log_index.unwrap_or(0), m.last_applied.map_or(0, |l| l.index));
+    match c.leases.grant(&req.frontend, asked_at, term, log, applied) {
+        Ok(grant) => Ok(axum::Json(grant)),
+        Err(Refusal::Superseded(_)) => Err(not_leader()),
+        Err(e @ Refusal::CatchingUp(_)) => Err(ApiError::unavailable(e.to_string())),
+    }
 }
 
 /// Per-book accounting for invariant checks: stock now, copies sold, copies restocked, and

@@ -51,17 +51,19 @@ pub async fn run(
         "the cache lease must be shorter than the election timeout"
     );
     let token = member.replica.token.clone();
-    let replica = Replica::start(member.replica.clone(), Arc::new(machine::Catalog)).await?;
-    let leases = Leases::new(config.lease_ttl, replica.id, replica.client.clone(), token.0.clone());
-    let catalog = Catalog { replica: replica.clone(), leases };
     let seeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let identity = Identity { gate: Some(seeded.clone()), ..Identity::new(member.name.clone(), "catalog") };
-    let app = quire_raft::service::router(api::router(catalog.clone(), token.clone()), &replica, identity, token);
-    seed::spawn_seeder(replica.clone(), Arc::new(books));
-    seed::spawn_seeded_watch(replica.clone(), seeded);
-    restock::spawn(catalog.clone(), config.restock);
-    spawn_office_watch(catalog);
-    quire_raft::service::serve(listener, member, replica, app, shutdown).await
+    let (lease_ttl, restock) = (config.lease_ttl, config.restock);
+    let api = move |replica: &Arc<Replica>| {
+        let leases = Leases::new(lease_ttl, replica.id, replica.client.clone(), token.0.clone());
+        let catalog = Catalog { replica: replica.clone(), leases };
+        seed::spawn_seeder(replica.clone(), Arc::new(books));
+        seed::spawn_seeded_watch(replica.clone(), seeded);
+        restock::spawn(catalog.clone(), restock);
+        spawn_office_watch(catalog.clone());
+        api::router(catalog, token)
+    };
+    quire_raft::service::serve(listener, member, Arc::new(machine::Catalog), identity, api, shutdown).await
 }
 
 /// Tells the leases as soon as this replica leads a new term, so that waiting out the
@@ -72,10 +74,10 @@ fn spawn_office_watch(catalog: Catalog) {
         loop {
             let leading = {
                 let m = metrics.borrow_and_update();
-                (m.current_leader == Some(catalog.replica.id)).then_some(m.current_term)
+                (m.current_leader == Some(catalog.replica.id)).then(|| (m.current_term, m.last_log_index.unwrap_or(0)))
             };
-            if let Some(term) = leading {
-                catalog.leases.leading(term);
+            if let Some((term, last_log)) = leading {
+                catalog.leases.leading(term, last_log);
             }
             if metrics.changed().await.is_err() {
                 return;

@@ -10,7 +10,7 @@ use rusqlite::{params, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use quire_common::api::{DecrementOutcome, DecrementResult};
+use quire_common::api::{DecrementOutcome, DecrementResult, MAX_STOCK};
 
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS books (
@@ -118,7 +118,8 @@ fn load(tx: &Transaction<'_>, index: u64, books: &[NewBook], last: bool) -> rusq
     )?;
     let mut added = 0;
     for b in books {
-        added += insert.execute(params![b.id as i64, b.title, b.topic, b.price_cents, b.stock.max(0), index as i64])?;
+        let stock = b.stock.clamp(0, MAX_STOCK);
+        added += insert.execute(params![b.id as i64, b.title, b.topic, b.price_cents, stock, index as i64])?;
     }
     if last {
         tx.execute("INSERT OR REPLACE INTO catalog_meta (name, value) VALUES ('seeded', ?1)", [index.to_string()])?;
@@ -177,19 +178,23 @@ fn decrement(
 }
 
 fn restock(tx: &Transaction<'_>, index: u64, item_id: u64, quantity: u32) -> rusqlite::Result<Value> {
-    let changed = tx.execute(
-        "UPDATE books SET stock = stock + ?1, version = ?2 WHERE id = ?3",
-        params![quantity, index as i64, item_id as i64],
-    )?;
-    if changed == 0 {
+    let stock: Option<i64> =
+        tx.query_row("SELECT stock FROM books WHERE id = ?1", [item_id as i64], |r| r.get(0)).optional()?;
+    let Some(stock) = stock else {
         return Ok(json!({ "error": "not_found" }));
-    }
+    };
+    let Some(after) = stock.checked_add(i64::from(quantity)).filter(|s| *s <= MAX_STOCK) else {
+        return Ok(json!({ "error": "stock_limit", "stock": stock }));
+    };
+    tx.execute(
+        "UPDATE books SET stock = ?1, version = ?2 WHERE id = ?3",
+        params![after, index as i64, item_id as i64],
+    )?;
     tx.execute(
         "INSERT INTO restocks (log_index, item_id, quantity) VALUES (?1, ?2, ?3)",
         params![index as i64, item_id as i64, quantity],
     )?;
-    let stock: i64 = tx.query_row("SELECT stock FROM books WHERE id = ?1", [item_id as i64], |r| r.get(0))?;
-    Ok(json!({ "stock": stock }))
+    Ok(json!({ "stock": after }))
 }
 
 #[cfg(test)]

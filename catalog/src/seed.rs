@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quire_common::api::{price_to_cents, MAX_TOPIC_LEN};
+use quire_common::api::{price_to_cents, MAX_PRICE_CENTS, MAX_STOCK, MAX_TOPIC_LEN};
 use quire_common::Deadline;
 use quire_raft::Replica;
 
@@ -62,9 +62,15 @@ pub fn from_csv(path: &Path) -> anyhow::Result<Vec<NewBook>> {
             .ok()
             .filter(|id| *id > 0 && *id <= i64::MAX as u64)
             .ok_or_else(|| bad("id must be a positive integer"))?;
-        let price_cents = price_to_cents(&row.price).ok_or_else(|| bad("price must look like 12.50"))?;
-        let stock: i64 =
-            row.stock.parse().ok().filter(|s| *s >= 0).ok_or_else(|| bad("stock must be a non-negative integer"))?;
+        let price_cents = price_to_cents(&row.price)
+            .filter(|p| *p <= MAX_PRICE_CENTS)
+            .ok_or_else(|| bad(&format!("price must look like 12.50 and be at most {}", MAX_PRICE_CENTS / 100)))?;
+        let stock: i64 = row
+            .stock
+            .parse()
+            .ok()
+            .filter(|s| (0..=MAX_STOCK).contains(s))
+            .ok_or_else(|| bad(&format!("stock must be an integer from 0 to {MAX_STOCK}")))?;
         if row.title.is_empty() || row.topic.is_empty() || row.topic.len() > MAX_TOPIC_LEN {
             return Err(bad("title and topic must be non-empty (topic at most 128 bytes)"));
         }
@@ -156,7 +162,16 @@ mod tests {
         assert_eq!(books[0], NewBook { id: 1, title: "A Book".into(), topic: "x".into(), price_cents: 1250, stock: 3 });
         assert_eq!(books[1].title, "Comma, Inc");
 
-        for bad in ["0,t,x,1,1", "1,t,x,-1,1", "1,t,x,1,-5", "1,,x,1,1", "1,t,x,1,1\n1,u,x,1,1"] {
+        for bad in [
+            "0,t,x,1,1",
+            "1,t,x,-1,1",
+            "1,t,x,1,-5",
+            "1,,x,1,1",
+            "1,t,x,1,1\n1,u,x,1,1",
+            "1,t,x,1,9223372036854775000",
+            "1,t,x,1,1000000000001",
+            "1,t,x,1000001,1",
+        ] {
             let mut f = tempfile::NamedTempFile::new().unwrap();
             writeln!(f, "id,title,topic,price,stock\n{bad}").unwrap();
             assert!(from_csv(f.path()).is_err(), "accepted {bad:?}");

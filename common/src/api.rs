@@ -13,6 +13,13 @@ pub const MAX_TOPIC_LEN: usize = 128;
 pub const MAX_QUERY_LEN: usize = 256;
 /// Largest page of `GET /search?q=`.
 pub const MAX_PAGE: u32 = 100;
+/// Most copies of one book the catalog holds (a CSV row or a restock beyond it is refused):
+/// far below `i64::MAX`, so no sum of stock and a restock can overflow.
+pub const MAX_STOCK: i64 = 1_000_000_000_000;
+/// Most copies one restock adds.
+pub const MAX_RESTOCK: u32 = 1_000_000;
+/// Highest price of a book, in cents (a million dollars).
+pub const MAX_PRICE_CENTS: i64 = 100_000_000;
 /// Largest request body any server accepts on its public or internal API.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
@@ -170,6 +177,9 @@ pub struct BookHold {
 pub struct Invalidation {
     pub leader_id: u64,
     pub term: u64,
+    /// Chosen anew each time the leader's process starts: a leader restarted within its
+    /// term (openraft brings it back leading the same term) starts a new epoch too.
+    pub office: u64,
     pub books: Vec<BookHold>,
 }
 
@@ -184,9 +194,12 @@ pub struct LeaseRequest {
 /// the moment it *sent* the request (the leader confirmed its leadership after that).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LeaseGrant {
+    /// 0 while the leader's pushes to this frontend fail: it serves nothing from its cache.
     pub ttl_ms: u64,
     pub leader_id: u64,
     pub term: u64,
+    /// See [`Invalidation::office`].
+    pub office: u64,
     /// How many invalidations this leader failed to deliver to the frontend, ever. The
     /// frontend drops its cached values whenever the count grows: a count, not a flag, so a
     /// lost grant cannot lose the order.

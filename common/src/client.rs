@@ -15,6 +15,17 @@ use crate::headers;
 /// attempt, not the whole deadline.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The address this process's outgoing connections come from, when set (see
+/// [`set_source`]).
+static SOURCE: std::sync::OnceLock<std::net::IpAddr> = std::sync::OnceLock::new();
+
+/// Makes every client made after this call connect from `ip`: a server given an address of
+/// its own (`--source-ip`) then shows it on every connection it opens, which is what rules
+/// that cut one server off from others match on.
+pub fn set_source(ip: std::net::IpAddr) {
+    let _ = SOURCE.set(ip);
+}
+
 /// The client every server uses for its peers: kept-alive connections, short connect timeout.
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -22,6 +33,7 @@ pub fn http_client() -> reqwest::Client {
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(256)
         .tcp_nodelay(true)
+        .local_address(SOURCE.get().copied())
         .build()
         .expect("a TLS backend is compiled in")
 }

@@ -13,3 +13,8 @@ pub const SERVED_BY: &str = "x-quire-served-by";
 /// Marks a request one replica passed to its group's leader, which must not pass it on again
 /// (nor redo work the first replica did).
 pub const FORWARDED: &str = "x-quire-forwarded";
+/// The Raft group a replication RPC is meant for: a replica refuses one for another group.
+pub const GROUP: &str = "x-quire-group";
+/// The Raft node id a replication RPC is meant for: a replica refuses one for another node
+/// (two ids at one address, or a request that reached the wrong server).
+pub const NODE: &str = "x-quire-node";

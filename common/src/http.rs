@@ -89,9 +89,20 @@ async fn json_errors(request: Request, next: Next) -> Response {
 #[derive(Clone)]
 pub struct Token(pub std::sync::Arc<str>);
 
+/// The shortest cluster token a server accepts: a short one is guessable, and an empty one
+/// would match a request that carries none.
+pub const MIN_TOKEN_BYTES: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+#[error("the cluster token must be at least {MIN_TOKEN_BYTES} bytes (it is {0}); `quire up` makes one of 32")]
+pub struct ShortToken(usize);
+
 impl Token {
-    pub fn new(token: &str) -> Self {
-        Token(token.into())
+    pub fn new(token: &str) -> Result<Self, ShortToken> {
+        if token.len() < MIN_TOKEN_BYTES {
+            return Err(ShortToken(token.len()));
+        }
+        Ok(Token(token.into()))
     }
 }
 
@@ -158,11 +169,13 @@ mod tests {
 
     #[tokio::test]
     async fn token_guard() {
-        let app = guarded(Router::new().route("/admin", post(|| async { "ok" })), Token::new("s3cret"));
+        assert!(Token::new("").is_err() && Token::new("fifteen-bytes..").is_err());
+        let token = "sixteen-bytes..!";
+        let app = guarded(Router::new().route("/admin", post(|| async { "ok" })), Token::new(token).unwrap());
         let denied = app.clone().oneshot(Request::post("/admin").body(Body::empty()).unwrap()).await.unwrap();
         assert_eq!(denied.status(), StatusCode::UNAUTHORIZED);
         let allowed = app
-            .oneshot(Request::post("/admin").header(headers::TOKEN, "s3cret").body(Body::empty()).unwrap())
+            .oneshot(Request::post("/admin").header(headers::TOKEN, token).body(Body::empty()).unwrap())
             .await
             .unwrap();
         assert_eq!(allowed.status(), StatusCode::OK);

@@ -7,6 +7,7 @@
 //! - [`headers`]: names of the headers that travel between tiers (token, deadline, leader hint).
 //! - [`deadline`]: a request's absolute deadline, carried hop to hop.
 //! - [`http`]: the JSON extractor with documented rejections, fallbacks, the token guard.
+//! - [`node`]: Raft node ids (seats and incarnations).
 //! - [`capacity`]: the cost of work under `--profile cloud-sim`.
 //! - [`samples`]: per-tier samples from the balancers, the autoscaler's fleet view.
 //! - [`batch`]: coalescing concurrent requests into shared network rounds.
@@ -24,6 +25,7 @@ pub mod deadline;
 pub mod error;
 pub mod headers;
 pub mod http;
+pub mod node;
 pub mod samples;
 pub mod shutdown;
 pub mod status;

@@ -11,8 +11,9 @@
 //! lock.
 //!
 //! Entries are served only while the lease runs. Every word and the lease belong to one
-//! term of one leader (the *epoch*): hearing of a newer term empties the cache and forgets
-//! every word. A renewal after the lease lapsed, or one reporting that the leader missed a
+//! office of the leader (a term, and one life of the leader's process: the *epoch*):
+//! hearing of another office of the same or a newer term empties the cache and forgets
+//! every word; an older term's is refused. A renewal after the lease lapsed, or one reporting that the leader missed a
 //! push, drops the cached values but keeps the words (a hold is only ever lifted by a
 //! newer word). `generation` counts the times values were dropped, so that a lookup begun
 //! before cannot store its answer after.
@@ -36,13 +37,20 @@ struct Slot {
     changed: u64,
 }
 
-/// The term and leader every word and the lease come from, and the missed count of the
-/// last grant.
+/// The office (term, leader, and the leader process's `office`) every word and the lease
+/// come from, and the highest missed count granted in it.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Epoch {
     term: u64,
     leader: u64,
+    office: u64,
     missed: u64,
+}
+
+impl Epoch {
+    fn is(&self, term: u64, leader: u64, office: u64) -> bool {
+        (self.term, self.leader, self.office) == (term, leader, office)
+    }
 }
 
 /// A push from a leader of an older term than this cache's: refused, so that the old
@@ -116,8 +124,8 @@ impl Cache {
         if grant.term < epoch.term {
             return Renewal::Stale;
         }
-        let renewal = if grant.term > epoch.term || grant.leader_id != epoch.leader {
-            self.begin(&mut epoch, grant.term, grant.leader_id);
+        let renewal = if !epoch.is(grant.term, grant.leader_id, grant.office) {
+            self.begin(&mut epoch, grant.term, grant.leader_id, grant.office);
             Renewal::NewEpoch
         } else if !self.lease_valid() || grant.missed > epoch.missed {
             self.drop_values();
@@ -125,7 +133,7 @@ impl Cache {
         } else {
             Renewal::Extended
         };
-        epoch.missed = grant.missed;
+        epoch.missed = epoch.missed.max(grant.missed);
         for word in &grant.held {
             self.take(word);
         }
@@ -159,18 +167,18 @@ impl Cache {
             if push.term < epoch.term {
                 return Err(Superseded(push.term));
             }
-            if push.term == epoch.term && push.leader_id == epoch.leader {
+            if epoch.is(push.term, push.leader_id, push.office) {
                 push.books.iter().for_each(|w| self.take(w));
                 return Ok(());
             }
         }
-        // The first word of a newer term can arrive before the grant that carries it.
+        // The first word of a new office can arrive before the grant that carries it.
         let mut epoch = self.epoch.write().unwrap_or_else(|e| e.into_inner());
         if push.term < epoch.term {
             return Err(Superseded(push.term));
         }
-        if push.term > epoch.term || push.leader_id != epoch.leader {
-            self.begin(&mut epoch, push.term, push.leader_id);
+        if !epoch.is(push.term, push.leader_id, push.office) {
+            self.begin(&mut epoch, push.term, push.leader_id, push.office);
         }
         push.books.iter().for_each(|w| self.take(w));
         Ok(())
@@ -230,13 +238,13 @@ impl Cache {
         }
     }
 
-    /// Forgets everything: a new term or leader.
-    fn begin(&self, epoch: &mut Epoch, term: u64, leader: u64) {
+    /// Forgets everything: a new office.
+    fn begin(&self, epoch: &mut Epoch, term: u64, leader: u64, office: u64) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.slots.clear();
         self.held.clear();
         self.flushes.fetch_add(1, Ordering::Relaxed);
-        *epoch = Epoch { term, leader, missed: 0 };
+        *epoch = Epoch { term, leader, office, missed: 0 };
     }
 
     /// Drops every cached value, keeping the words.
@@ -265,7 +273,7 @@ mod tests {
     use super::*;
 
     fn grant(term: u64, missed: u64, seq: u64, held: Vec<BookHold>) -> LeaseGrant {
-        LeaseGrant { ttl_ms: 60_000, leader_id: 1, term, missed, seq, held }
+        LeaseGrant { ttl_ms: 60_000, leader_id: 1, term, office: 7, missed, seq, held }
     }
 
     fn hold(id: u64, changed: u64) -> BookHold {
@@ -277,7 +285,7 @@ mod tests {
     }
 
     fn push(term: u64, books: Vec<BookHold>) -> Invalidation {
-        Invalidation { leader_id: 1, term, books }
+        Invalidation { leader_id: 1, term, office: 7, books }
     }
 
     fn leased() -> Cache {
@@ -371,15 +379,29 @@ mod tests {
         assert!(stored(&cache, 2, 5));
         // The new leader's first push reaches the frontend before its grant does.
         let generation = cache.generation();
-        cache.apply(&Invalidation { leader_id: 2, term: 2, books: vec![hold(3, 1)] }).unwrap();
+        cache.apply(&Invalidation { leader_id: 2, term: 2, office: 9, books: vec![hold(3, 1)] }).unwrap();
         assert_eq!(cache.get(2), None);
         assert!(!cache.put(2, Bytes::from_static(b"x"), 5, generation), "a lookup from the old term");
         assert!(stored(&cache, 1, 5), "the old term's hold is gone");
         assert!(!stored(&cache, 3, 5), "the new term's hold stays");
         // The grant of that term does not empty the cache again.
-        let g = LeaseGrant { leader_id: 2, ..grant(2, 0, 1, vec![hold(3, 1)]) };
+        let g = LeaseGrant { leader_id: 2, office: 9, ..grant(2, 0, 1, vec![hold(3, 1)]) };
         assert_eq!(cache.renew(&g, Instant::now()), Renewal::Extended);
         assert!(cache.apply(&push(1, vec![release(1, 9, 2)])).is_err(), "the old leader is refused");
         assert_eq!(cache.renew(&grant(1, 0, 2, vec![]), Instant::now()), Renewal::Stale);
+    }
+
+    #[test]
+    fn a_leader_restarted_within_its_term_begins_a_new_epoch() {
+        let cache = leased();
+        cache.apply(&push(1, (1..=900).map(|n| release(1, 5, n)).collect())).unwrap();
+        assert!(stored(&cache, 1, 5));
+        // The restarted process numbers its words from 1 again: its hold must not be
+        // ignored as older than the dead process's 900th word.
+        let restarted = LeaseGrant { office: 8, ..grant(1, 0, 0, vec![]) };
+        assert_eq!(cache.renew(&restarted, Instant::now()), Renewal::NewEpoch);
+        assert!(stored(&cache, 1, 5));
+        cache.apply(&Invalidation { office: 8, ..push(1, vec![hold(1, 1)]) }).unwrap();
+        assert_eq!(cache.get(1), None);
     }
 }

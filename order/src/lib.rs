@@ -37,10 +37,12 @@ pub async fn run(
     anyhow::ensure!(!config.catalog.is_empty(), "the order service needs at least one catalog balancer");
     let member = &config.member;
     let token = member.replica.token.clone();
-    let replica = Replica::start(member.replica.clone(), Arc::new(machine::Orders)).await?;
-    let shop = Shop::new(replica.clone(), config.catalog.clone(), token.0.clone());
     let identity = Identity::new(member.name.clone(), "order");
-    let app = quire_raft::service::router(api::router(shop.clone(), token.clone()), &replica, identity, token);
-    buy::spawn_recovery(shop, config.recover_after);
-    quire_raft::service::serve(listener, member, replica, app, shutdown).await
+    let (catalog, recover_after) = (config.catalog.clone(), config.recover_after);
+    let api = move |replica: &Arc<Replica>| {
+        let shop = Shop::new(replica.clone(), catalog, token.0.clone());
+        buy::spawn_recovery(shop.clone(), recover_after);
+        api::router(shop, token)
+    };
+    quire_raft::service::serve(listener, member, Arc::new(machine::Orders), identity, api, shutdown).await
 }

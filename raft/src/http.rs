@@ -5,7 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use openraft::error::{InstallSnapshotError, RaftError};
@@ -16,8 +19,9 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 
 use quire_common::http::{guarded, Json, Token};
-use quire_common::ApiError;
+use quire_common::{headers, ApiError};
 
+use crate::bootstrap::GroupView;
 use crate::replica::{ReadIndexAnswer, Replica};
 use crate::{NodeId, TypeConfig};
 
@@ -28,11 +32,17 @@ type Shared = State<Arc<Replica>>;
 pub const RAFT_BODY_LIMIT: usize = 64 * 1024 * 1024;
 
 pub fn router(replica: Arc<Replica>, token: Token) -> Router {
-    let routes = Router::new()
+    // Every Raft RPC names its group; those to one node name the node too.
+    let to_node = Router::new()
         .route("/raft/append", post(append))
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/read-index", get(read_index))
+        .layer(axum::middleware::from_fn_with_state(replica.clone(), addressed_to_me));
+    let raft = to_node
+        .route("/raft/membership", get(membership))
+        .layer(axum::middleware::from_fn_with_state(replica.clone(), of_my_group));
+    let routes = raft
         .route("/admin/init", post(init))
         .route("/admin/learners", post(add_learner))
         .route("/admin/voters", post(change_voters))
@@ -46,25 +56,66 @@ pub fn router(replica: Arc<Replica>, token: Token) -> Router {
     guarded(routes, token)
 }
 
+/// Refuses a Raft RPC for another group (a request that reached the wrong server).
+async fn of_my_group(State(r): Shared, request: Request, next: Next) -> Response {
+    let group = request.headers().get(headers::GROUP).and_then(|v| v.to_str().ok());
+    if group != Some(r.group.as_str()) {
+        let message = format!("this is a replica of group {:?}, not {group:?}", r.group);
+        return ApiError::new(StatusCode::CONFLICT, "wrong_group", message).into_response();
+    }
+    next.run(request).await
+}
+
+/// Refuses a Raft RPC for another node: two ids at one address must not make one server
+/// answer (and count) for both.
+async fn addressed_to_me(State(r): Shared, request: Request, next: Next) -> Response {
+    let node = request.headers().get(headers::NODE).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    if node != Some(r.id) {
+        let message = format!("this is node {}, not {node:?}", crate::display_id(r.id));
+        return ApiError::new(StatusCode::CONFLICT, "wrong_node", message).into_response();
+    }
+    next.run(request).await
+}
+
+/// An RPC from a leader or candidate that claims to be this node: refused (this node would
+/// be counting itself).
+fn from_myself(r: &Replica, sender: Option<NodeId>) -> Result<(), ApiError> {
+    match sender {
+        Some(id) if id == r.id => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "wrong_node",
+            format!("an RPC from node {} reached node {} itself", crate::display_id(id), crate::display_id(r.id)),
+        )),
+        _ => Ok(()),
+    }
+}
+
 async fn append(
     State(r): Shared,
     Json(rpc): Json<AppendEntriesRequest<TypeConfig>>,
-) -> axum::Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
-    axum::Json(r.raft.append_entries(rpc).await)
+) -> Result<axum::Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
+    from_myself(&r, rpc.vote.leader_id().voted_for())?;
+    Ok(axum::Json(r.raft.append_entries(rpc).await))
 }
 
 async fn vote(
     State(r): Shared,
     Json(rpc): Json<VoteRequest<NodeId>>,
-) -> axum::Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>> {
-    axum::Json(r.raft.vote(rpc).await)
+) -> Result<axum::Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
+    from_myself(&r, rpc.vote.leader_id().voted_for())?;
+    Ok(axum::Json(r.raft.vote(rpc).await))
 }
 
 async fn snapshot(
     State(r): Shared,
     Json(rpc): Json<InstallSnapshotRequest<TypeConfig>>,
-) -> axum::Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
-    axum::Json(r.raft.install_snapshot(rpc).await)
+) -> Result<axum::Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>>, ApiError> {
+    from_myself(&r, rpc.vote.leader_id().voted_for())?;
+    Ok(axum::Json(r.raft.install_snapshot(rpc).await))
+}
+
+async fn membership(State(r): Shared) -> axum::Json<GroupView> {
+    axum::Json(r.view())
 }
 
 async fn read_index(State(r): Shared) -> Result<axum::Json<ReadIndexAnswer>, ApiError> {

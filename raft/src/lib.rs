@@ -5,6 +5,7 @@
 //! durable, snapshotting replica group with linearizable reads on every member.
 //!
 //! # Layout
+//! - [`bootstrap`]: who a starting replica is (its node id, founding, incarnations).
 //! - [`log_store`]: vote and log in `raft.db`, fsynced before openraft is told.
 //! - [`state`]: the state machine in `state.db`, snapshots, read connections, digests.
 //! - [`network`]: Raft RPCs as JSON over HTTP.
@@ -16,6 +17,7 @@
 // openraft's storage traits return its (large) `StorageError`; our helpers return it too.
 #![allow(clippy::result_large_err)]
 
+pub mod bootstrap;
 pub mod http;
 pub mod log_store;
 pub mod network;
@@ -27,7 +29,7 @@ pub mod state;
 pub use replica::{Applied, Replica, ReplicaConfig, Tuning, WriteError};
 pub use service::Member;
 
-pub type NodeId = u64;
+pub use quire_common::node::{display_id, incarnation, seat, NodeId};
 
 openraft::declare_raft_types!(
     /// Commands and responses are JSON values: each service defines its own typed command
@@ -48,8 +50,11 @@ pub trait Machine: Send + Sync + 'static {
     fn tables(&self) -> &'static [&'static str];
 
     /// Applies one committed command at log `index`. Runs inside the transaction that also
-    /// records the entry as applied; an `Err` is a storage failure and stops the replica, so
-    /// a command the service cannot make sense of must answer an error *value* instead.
+    /// records the entry as applied, in a savepoint of its own. A command the service cannot
+    /// make sense of should answer an error *value*; an `Err` that the command's data
+    /// causes (a constraint it breaks, a value out of range) is rolled back and answered
+    /// as rejected (`{"error": "rejected"}`) on every replica alike; any other `Err` is a
+    /// storage failure and stops the replica.
     fn apply(
         &self,
         tx: &rusqlite::Transaction<'_>,

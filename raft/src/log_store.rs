@@ -20,6 +20,17 @@ use crate::{NodeId, TypeConfig};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
+/// What `raft.db` records of the node it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Identity {
+    /// The Raft group: a data directory never serves another.
+    pub group: String,
+    pub node_id: NodeId,
+    /// Older incarnations of this node's seat whose place it has yet to take.
+    #[serde(default)]
+    pub replaces: Vec<NodeId>,
+}
+
 /// Log store handle given to openraft. Writes go through one connection; each log reader
 /// (one per replication stream) opens its own, which WAL lets run beside the writer.
 #[derive(Clone)]
@@ -54,6 +65,29 @@ impl LogStore {
              CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);",
         )?;
         Ok(LogStore { path: path.to_path_buf(), conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    /// Who this log belongs to, once decided (see [`crate::bootstrap`]).
+    pub fn identity(&self) -> anyhow::Result<Option<Identity>> {
+        let conn = self.conn.lock().map_err(|_| anyhow::anyhow!("log store lock poisoned"))?;
+        Ok(read_meta(&conn, "identity")?)
+    }
+
+    /// Whether the log holds anything a node promised: a vote or an entry.
+    pub fn is_blank(&self) -> anyhow::Result<bool> {
+        let conn = self.conn.lock().map_err(|_| anyhow::anyhow!("log store lock poisoned"))?;
+        let vote: Option<Vote<NodeId>> = read_meta(&conn, "vote")?;
+        let entries: i64 = conn.query_row("SELECT count(*) FROM log", [], |r| r.get(0))?;
+        let purged: Option<LogId<NodeId>> = read_meta(&conn, "last_purged")?;
+        Ok(vote.is_none() && entries == 0 && purged.is_none())
+    }
+
+    /// Records who this log belongs to, durably.
+    pub fn set_identity(&self, identity: &Identity) -> anyhow::Result<()> {
+        let text = serde_json::to_string(identity)?;
+        let conn = self.conn.lock().map_err(|_| anyhow::anyhow!("log store lock poisoned"))?;
+        conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('identity', ?1)", [text])?;
+        Ok(())
     }
 
     /// Runs `f` on the writer connection on a blocking thread.

@@ -1,5 +1,7 @@
 //! Raft RPCs over HTTP: each RPC is a JSON POST to the peer's `/raft/*` route carrying the
-//! cluster token; the peer answers with a JSON `Result` of the openraft call.
+//! cluster token, the group it is meant for and the node it is meant for (a peer refuses an
+//! RPC for another group or node); the peer answers with a JSON `Result` of the openraft
+//! call.
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
@@ -30,13 +32,20 @@ fn to_json<T: Serialize, E: std::error::Error>(
 pub struct Network {
     pub client: reqwest::Client,
     pub token: std::sync::Arc<str>,
+    pub group: std::sync::Arc<str>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
-        Peer { target, addr: node.addr.clone(), client: self.client.clone(), token: self.token.clone() }
+        Peer {
+            target,
+            addr: node.addr.clone(),
+            client: self.client.clone(),
+            token: self.token.clone(),
+            group: self.group.clone(),
+        }
     }
 }
 
@@ -45,6 +54,7 @@ pub struct Peer {
     addr: String,
     client: reqwest::Client,
     token: std::sync::Arc<str>,
+    group: std::sync::Arc<str>,
 }
 
 impl Peer {
@@ -62,6 +72,8 @@ impl Peer {
             .client
             .post(format!("{}/raft/{route}", self.addr))
             .header(headers::TOKEN, &*self.token)
+            .header(headers::GROUP, &*self.group)
+            .header(headers::NODE, self.target)
             .timeout(option.hard_ttl())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body)

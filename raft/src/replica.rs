@@ -16,7 +16,8 @@ use quire_common::http::Token;
 use quire_common::status::Role;
 use quire_common::{headers, ApiError, Deadline};
 
-use crate::log_store::LogStore;
+use crate::bootstrap::{same_address, GroupView, Start};
+use crate::log_store::{Identity, LogStore};
 use crate::network::Network;
 use crate::read_index::{ReadIndex, ReadIndexError, Round};
 use crate::state::{Reads, StateStore};
@@ -45,12 +46,25 @@ impl Default for Tuning {
 
 #[derive(Clone)]
 pub struct ReplicaConfig {
-    pub id: NodeId,
+    /// The seat this server holds (`--id`); its node id is the seat's, or a later
+    /// incarnation's (see [`crate::bootstrap`]).
+    pub seat: u64,
+    /// The Raft group this replica belongs to: every Raft RPC names it, and a data
+    /// directory never serves another.
+    pub group: String,
     /// Base URL peers reach this replica at (its Raft node address).
     pub advertise: String,
     pub dir: PathBuf,
     pub token: Token,
     pub tuning: Tuning,
+    /// The founding voters (id → URL), when this replica helps found a new group; ignored
+    /// once the group exists.
+    pub init: Option<BTreeMap<NodeId, String>>,
+    /// Other members to ask who this replica is when its data directory is empty.
+    pub peers: Vec<String>,
+    /// This server has never run before (only a supervisor can know): with an empty data
+    /// directory it takes its seat's id as is.
+    pub first_start: bool,
     /// Emulated capacity (`--profile cloud-sim`); `None`: the machine's own.
     pub capacity: Option<quire_common::capacity::Costs>,
 }
@@ -66,28 +80,44 @@ pub struct Applied {
 /// Why a proposal has no answer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
-    /// The write was not applied and never will be: this replica did not lead when asked,
-    /// or the entry was removed from its log by a newer leader. The leader's URL if known.
+    /// This replica does not lead (the leader's URL, if known): it did not when asked, or
+    /// a newer leader removed the entry from its log. In the second case another replica
+    /// may still hold the entry and a later leader apply it (with five voters or more), so
+    /// the outcome is not known for sure; a retry with the same idempotency key is safe.
     #[error("not the leader")]
     NotLeader(Option<String>),
+    /// A term-bound proposal (see [`Replica::propose_in_term`]) that entered the log in
+    /// another term: applied as a no-op everywhere.
+    #[error("proposed in a term this replica no longer leads")]
+    StaleTerm,
     /// The replica stopped before it could tell (the entry may still be applied).
     #[error("the outcome is unknown: {0}")]
     Unknown(String),
+    /// Applied as a no-op on every replica: the state machine could not apply it (see
+    /// [`Machine::apply`](crate::Machine::apply)).
+    #[error("the state machine rejected the command: {0}")]
+    Rejected(String),
 }
 
 impl From<WriteError> for ApiError {
     fn from(e: WriteError) -> Self {
         match e {
             WriteError::NotLeader(leader) => ApiError::not_leader(leader),
+            WriteError::StaleTerm => ApiError::not_leader(None),
             WriteError::Unknown(_) => ApiError::deadline_exceeded(
                 "the replica stopped before the write was confirmed; its outcome is unknown, retry with the same key",
             ),
+            WriteError::Rejected(reason) => {
+                tracing::error!(%reason, "a command was rejected by the state machine");
+                ApiError::internal("the store could not apply this request; nothing was changed")
+            }
         }
     }
 }
 
 pub struct Replica {
     pub id: NodeId,
+    pub group: String,
     pub advertise: String,
     pub raft: Raft<TypeConfig>,
     pub reads: Arc<Reads>,
@@ -99,6 +129,12 @@ pub struct Replica {
     read_index: ReadIndex,
     /// Set by the readiness probe: this replica recently had applied the leader's read index.
     caught_up: std::sync::atomic::AtomicBool,
+    log: LogStore,
+    /// Older incarnations of this replica's seat whose place it has yet to take.
+    replaces: std::sync::Mutex<Vec<NodeId>>,
+    /// Members this replica knew of at start (founding voters and peers), to find the
+    /// leader through before it is a member itself.
+    peers: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -107,27 +143,31 @@ pub struct ReadIndexAnswer {
 }
 
 impl Replica {
+    /// Opens the stores and starts Raft, deciding first who this replica is when its data
+    /// directory is empty (which may wait for the group's members to answer), and founding
+    /// the group when that is the decision.
     pub async fn start(config: ReplicaConfig, machine: Arc<dyn Machine>) -> anyhow::Result<Arc<Replica>> {
         std::fs::create_dir_all(&config.dir)?;
         let raft_config = openraft::Config {
-            cluster_name: "quire".into(),
+            cluster_name: config.group.clone(),
             heartbeat_interval: config.tuning.heartbeat.as_millis() as u64,
             election_timeout_min: config.tuning.election_min.as_millis() as u64,
             election_timeout_max: config.tuning.election_max.as_millis() as u64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.tuning.snapshot_every),
             max_in_snapshot_log_to_keep: (config.tuning.snapshot_every / 5).max(10),
             install_snapshot_timeout: 5_000,
-            // Chunks travel as JSON arrays of numbers (about 4 bytes a byte): keep them small.
             snapshot_max_chunk_size: 1024 * 1024,
             ..Default::default()
         }
         .validate()?;
+        let client = quire_common::client::http_client();
         let log = LogStore::open(&config.dir.join("raft.db"))?;
+        let (identity, found) = identify(&config, &log, &client).await?;
         let state = StateStore::open(&config.dir, machine.clone())?;
         let reads = state.reads.clone();
-        let client = quire_common::client::http_client();
-        let network = Network { client: client.clone(), token: config.token.0.clone() };
-        let raft = Raft::new(config.id, Arc::new(raft_config), network, log, state).await?;
+        let network =
+            Network { client: client.clone(), token: config.token.0.clone(), group: config.group.clone().into() };
+        let raft = Raft::new(identity.node_id, Arc::new(raft_config), network, log.clone(), state).await?;
 
         // The read index round needs the replica itself; tie the knot through a OnceLock.
         let cell: Arc<std::sync::OnceLock<std::sync::Weak<Replica>>> = Arc::new(std::sync::OnceLock::new());
@@ -142,7 +182,8 @@ impl Replica {
             }) as Round
         }));
         let replica = Arc::new(Replica {
-            id: config.id,
+            id: identity.node_id,
+            group: config.group,
             advertise: config.advertise,
             raft,
             reads,
@@ -152,28 +193,27 @@ impl Replica {
             read_index,
             caught_up: std::sync::atomic::AtomicBool::new(false),
             workers: quire_common::capacity::Workers::new(config.capacity),
+            log,
+            replaces: std::sync::Mutex::new(identity.replaces),
+            peers: config.peers.iter().cloned().chain(config.init.iter().flat_map(|m| m.values().cloned())).collect(),
         });
         let _ = cell.set(Arc::downgrade(&replica));
+        if let Some(members) = found {
+            replica.initialize(&members).await?;
+        }
         spawn_readiness_probe(Arc::downgrade(&replica));
         Ok(replica)
     }
 
-    /// Initialises a new group with `members` (id → base URL) unless this replica already
-    /// belongs to one, or another member already runs one (then this replica, say a
-    /// container given an empty volume, waits to be brought up to date instead of founding
-    /// a second group). Safe to call on every member with the same map.
+    /// Founds a group with `members` (id → base URL) unless this replica already belongs
+    /// to one. Safe to call on every founding member with the same map.
     pub async fn initialize(&self, members: &BTreeMap<NodeId, String>) -> anyhow::Result<()> {
         if self.raft.is_initialized().await? {
             return Ok(());
         }
-        for (id, url) in members.iter().filter(|(id, _)| **id != self.id) {
-            let status = self.client.get(format!("{url}/status")).timeout(Duration::from_millis(500)).send().await;
-            let Ok(status) = status else { continue };
-            let Ok(status) = status.json::<quire_common::status::ServerStatus>().await else { continue };
-            let voters = status.details["voters"].as_array().is_some_and(|v| !v.is_empty());
-            if voters || status.leader.is_some() {
-                tracing::info!(peer = id, "the group already exists; joining it instead of founding one");
-                return Ok(());
+        for (a, (id_a, url_a)) in members.iter().enumerate() {
+            if let Some((id_b, _)) = members.iter().skip(a + 1).find(|(_, url_b)| same_address(url_a, url_b)) {
+                anyhow::bail!("nodes {id_a} and {id_b} cannot both be at {url_a}");
             }
         }
         let nodes: BTreeMap<NodeId, BasicNode> = members.iter().map(|(id, url)| (*id, BasicNode::new(url))).collect();
@@ -183,6 +223,120 @@ impl Replica {
             Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// What this replica tells a starting one about the group.
+    pub fn view(&self) -> GroupView {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let addr = |ids: Vec<NodeId>| -> BTreeMap<NodeId, String> {
+            ids.into_iter().filter_map(|id| membership.get_node(&id).map(|n| (id, n.addr.clone()))).collect()
+        };
+        let leader = self.leader();
+        GroupView {
+            group: self.group.clone(),
+            initialized: m.membership_config.log_id().is_some(),
+            node_id: Some(self.id),
+            leader: leader.as_ref().map(|(id, _)| *id),
+            leader_url: leader.map(|(_, url)| url),
+            voters: addr(membership.voter_ids().collect()),
+            learners: addr(membership.learner_ids().collect()),
+        }
+    }
+
+    /// Older incarnations of this replica's seat whose place it has yet to take.
+    pub fn replaces(&self) -> Vec<NodeId> {
+        self.replaces.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A new incarnation joins as a learner and, once caught up, takes the place of its
+    /// seat's older incarnations: a voter's seat in the voter set, a learner's in the
+    /// learners. Runs until done, through whichever member leads.
+    pub async fn take_seat(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            let replaces = self.replaces();
+            if replaces.is_empty() {
+                return;
+            }
+            match self.take_seat_step().await {
+                Ok(true) => {
+                    let identity = Identity { group: self.group.clone(), node_id: self.id, replaces: vec![] };
+                    let log = self.log.clone();
+                    match tokio::task::spawn_blocking(move || log.set_identity(&identity)).await {
+                        Ok(Ok(())) => {
+                            tracing::info!(replaced = ?replaces, "this incarnation holds its seat");
+                            self.replaces.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                        }
+                        outcome => tracing::warn!(?outcome, "could not record that the seat is taken"),
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!(error = %e, "seat not taken yet"),
+            }
+        }
+    }
+
+    /// One attempt of [`take_seat`](Self::take_seat); `true` once no older incarnation of
+    /// the seat is a member.
+    async fn take_seat_step(&self) -> anyhow::Result<bool> {
+        let leader = match self.leader() {
+            Some((_, url)) => url,
+            // Not a member yet: no leader has written to this replica. Ask the others.
+            None => self.leader_known_to_peers().await.ok_or_else(|| anyhow::anyhow!("no leader known"))?,
+        };
+        let view: GroupView = self.admin(self.client.get(format!("{leader}/raft/membership"))).await?;
+        let older: Vec<NodeId> =
+            view.incarnations_of(crate::seat(self.id)).into_iter().filter(|id| *id != self.id).collect();
+        if older.is_empty() {
+            return Ok(true);
+        }
+        if !view.members().any(|(id, _)| *id == self.id) {
+            tracing::info!(%leader, "joining the group as a learner, to take the seat of {older:?}");
+            let body = crate::http::LearnerRequest { id: self.id, url: self.advertise.clone() };
+            let _: crate::http::MembershipAnswer =
+                self.admin(self.client.post(format!("{leader}/admin/learners")).json(&body)).await?;
+            return Ok(false);
+        }
+        if !self.ready() {
+            return Ok(false);
+        }
+        let older_voters: Vec<NodeId> = older.iter().copied().filter(|id| view.voters.contains_key(id)).collect();
+        if !older_voters.is_empty() {
+            let mut voters: BTreeSet<NodeId> = view.voters.keys().copied().collect();
+            voters.retain(|id| !older_voters.contains(id));
+            voters.insert(self.id);
+            tracing::info!(?voters, "caught up: taking the voter seat of {older_voters:?}");
+            let body = crate::http::VotersRequest { voters, keep_learners: false };
+            let _: crate::http::MembershipAnswer =
+                self.admin(self.client.post(format!("{leader}/admin/voters")).json(&body)).await?;
+            return Ok(false);
+        }
+        tracing::info!("caught up: removing the older learners {older:?}");
+        let body = crate::http::RemoveRequest { ids: older.into_iter().collect() };
+        let _: crate::http::MembershipAnswer =
+            self.admin(self.client.post(format!("{leader}/admin/members/remove")).json(&body)).await?;
+        Ok(false)
+    }
+
+    async fn leader_known_to_peers(&self) -> Option<String> {
+        for peer in self.peers.iter().filter(|p| !same_address(p, &self.advertise)) {
+            if let Ok(view) = self.admin::<GroupView>(self.client.get(format!("{peer}/raft/membership"))).await {
+                if let Some(url) = view.leader_url {
+                    return Some(url);
+                }
+            }
+        }
+        None
+    }
+
+    async fn admin<T: serde::de::DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let request = request
+            .header(headers::TOKEN, &*self.token.0)
+            .header(headers::GROUP, &self.group)
+            .timeout(Duration::from_secs(30));
+        call(request).await.map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     pub fn metrics(&self) -> openraft::RaftMetrics<NodeId, BasicNode> {
@@ -242,6 +396,15 @@ impl Replica {
         }
     }
 
+    /// Proposes `command`, to be applied only if it enters the log in `term`: a replica
+    /// that prepared a write while leading `term` (holding caches, say) and lost and
+    /// regained leadership before proposing it gets [`WriteError::StaleTerm`], and the write
+    /// is applied nowhere.
+    pub async fn propose_in_term(&self, term: u64, command: serde_json::Value) -> Result<Applied, WriteError> {
+        let proposal = serde_json::json!({ crate::state::IN_TERM: term, "command": command });
+        self.propose(proposal).await
+    }
+
     /// Proposes `command` and waits, however long it takes, until it is applied here (a
     /// replica that stopped leading meanwhile still applies it once it is committed) or is
     /// known never to be.
@@ -249,6 +412,10 @@ impl Replica {
         // An emulated DB write is latency, not a lock: writes overlap freely.
         self.workers.write_latency().await;
         match self.raft.client_write(command).await {
+            Ok(response) if response.data["error"] == "stale_term" => Err(WriteError::StaleTerm),
+            Ok(response) if response.data["error"] == "rejected" => {
+                Err(WriteError::Rejected(response.data["message"].as_str().unwrap_or_default().to_string()))
+            }
             Ok(response) => Ok(Applied { index: response.log_id.index, response: response.data }),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(WriteError::NotLeader(f.leader_node.map(|n| n.addr)))
@@ -294,6 +461,8 @@ impl Replica {
             .client
             .get(format!("{leader_url}/raft/read-index"))
             .header(headers::TOKEN, &*self.token.0)
+            .header(headers::GROUP, &self.group)
+            .header(headers::NODE, leader_id)
             // Short: while the leader is frozen or cut off, readers should learn it soon
             // enough to retry elsewhere (or after the election) within their deadline.
             .timeout(Duration::from_millis(500));
@@ -313,8 +482,48 @@ impl Replica {
         self.read_index.get().await.map_err(|e| ApiError::unavailable(e.to_string()))
     }
 
-    /// Adds a learner and waits until it has caught up with the log.
+    /// Adds a learner and waits until it has caught up with the log. Refused when another
+    /// node, other than an incarnation of the same seat, is at `url`: two ids at one
+    /// address would count one server twice.
     pub async fn add_learner(&self, id: NodeId, url: &str) -> Result<u64, ApiError> {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        if let Some((other, _)) = membership.nodes().find(|(other, node)| {
+            **other != id && crate::seat(**other) != crate::seat(id) && same_address(&node.addr, url)
+        }) {
+            return Err(ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "address_taken",
+                format!("node {other} is already at {url}"),
+            ));
+        }
+        if let Some(node) = membership.get_node(&id).filter(|node| !same_address(&node.addr, url)) {
+            return Err(ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "address_taken",
+                format!("node {id} is a member at {}, not {url}", node.addr),
+            ));
+        }
+        // The server at `url` must already be node `id`: one still deciding who it is would
+        // see its seat among the members and take a new incarnation instead.
+        let answer = self
+            .client
+            .get(format!("{url}/raft/membership"))
+            .header(headers::TOKEN, &*self.token.0)
+            .header(headers::GROUP, &self.group)
+            .timeout(Duration::from_secs(1));
+        match call::<GroupView>(answer).await {
+            Ok(view) if view.node_id == Some(id) => {}
+            Ok(view) => {
+                return Err(ApiError::unavailable(format!(
+                    "the server at {url} is {} of this group, not node {id} (yet)",
+                    view.node_id.map_or("no node".to_string(), |n| format!("node {}", crate::display_id(n)))
+                )))
+            }
+            Err(e) => {
+                return Err(ApiError::unavailable(format!("the server at {url} does not answer as node {id}: {e}")))
+            }
+        }
         self.raft.add_learner(id, BasicNode::new(url), true).await.map(|r| r.log_id.index).map_err(membership_error)
     }
 
@@ -337,6 +546,54 @@ impl Replica {
             tracing::warn!(error = %e, "raft shutdown");
         }
     }
+}
+
+/// Who this replica is (from its log, or decided afresh for an empty data directory, then
+/// recorded before Raft starts), and the voters to found a group with, if that is the
+/// decision.
+async fn identify(
+    config: &ReplicaConfig,
+    log: &LogStore,
+    client: &reqwest::Client,
+) -> anyhow::Result<(Identity, Option<BTreeMap<NodeId, String>>)> {
+    if let Some(identity) = log.identity()? {
+        anyhow::ensure!(
+            identity.group == config.group,
+            "{} belongs to group {:?}, not {:?}: give this server its own data directory",
+            config.dir.display(),
+            identity.group,
+            config.group
+        );
+        return Ok((identity, None));
+    }
+    if !log.is_blank()? {
+        // A log from before node ids were recorded: it is the seat's own.
+        let identity = Identity { group: config.group.clone(), node_id: config.seat, replaces: vec![] };
+        log.set_identity(&identity)?;
+        return Ok((identity, None));
+    }
+    // Nothing promised here: whatever state files an earlier life left are not ours.
+    for stale in ["state.db", "state.db-wal", "state.db-shm", "snapshot.db", "incoming.db", "building.db"] {
+        let path = config.dir.join(stale);
+        if path.exists() {
+            tracing::warn!(file = %path.display(), "removing state left without a log");
+            std::fs::remove_file(path)?;
+        }
+    }
+    let start = Start {
+        client,
+        token: &config.token.0,
+        group: &config.group,
+        seat: config.seat,
+        first_start: config.first_start,
+        init: config.init.as_ref(),
+        peers: &config.peers,
+        advertise: &config.advertise,
+    };
+    let decision = crate::bootstrap::decide(&start).await;
+    let identity = Identity { group: config.group.clone(), node_id: decision.id, replaces: decision.replaces };
+    log.set_identity(&identity)?;
+    Ok((identity, decision.found))
 }
 
 /// Every 200 ms, fetch the read index and compare it with what this replica applied.

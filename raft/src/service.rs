@@ -1,27 +1,28 @@
 //! What every replica service (catalog, order) shares around its own API: the member's
-//! configuration, the combined router, and serving (found or join the group, announce to
-//! the balancers, stop Raft after the server).
+//! configuration, the combined router, and serving (decide who this replica is, found or
+//! join the group, announce to the balancers, stop Raft after the server).
 
-use std::collections::BTreeMap;
 use std::future::{Future, IntoFuture};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use axum::extract::Request;
+use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
+use tower::ServiceExt;
 
-use quire_common::http::{finish, Token};
+use quire_common::http::{finish, guarded, Token};
+use quire_common::ApiError;
 
+use crate::bootstrap::GroupView;
 use crate::http::Identity;
-use crate::{NodeId, Replica, ReplicaConfig};
+use crate::{Machine, Replica, ReplicaConfig};
 
 /// A replica's place in its service: who it is and whom it talks to at start.
 pub struct Member {
     pub name: String,
     pub replica: ReplicaConfig,
-    /// Initial voters (id → URL) when this replica helps found a new group; ignored once
-    /// the group exists.
-    pub init_members: Option<BTreeMap<NodeId, String>>,
     /// Balancers to register with.
     pub balancers: Vec<String>,
 }
@@ -35,19 +36,31 @@ pub fn router(api: Router, replica: &Arc<Replica>, identity: Identity, token: To
     )
 }
 
-/// Serves `app` until `shutdown`, founding the group if asked to and announcing this
-/// replica to its balancers; stops Raft once the server has drained.
+/// Serves a replica of `machine` until `shutdown`: answers on `listener` at once (a
+/// starting replica tells the others it has no group yet), decides who it is and starts
+/// Raft, then serves `api(&replica)` with the shared routes, announces itself to its
+/// balancers and, for a new incarnation, takes its seat. Stops Raft once the server has
+/// drained.
 pub async fn serve(
     listener: TcpListener,
     member: &Member,
-    replica: Arc<Replica>,
-    app: Router,
+    machine: Arc<dyn Machine>,
+    identity: Identity,
+    api: impl FnOnce(&Arc<Replica>) -> Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let token = member.replica.token.clone();
+    let routes: Arc<OnceLock<Router>> = Arc::new(OnceLock::new());
+    let starting = starting_router(member.replica.group.clone(), token.clone());
+    let late = routes.clone();
+    let app = Router::new().fallback_service(tower::service_fn(move |request: Request| {
+        let router = late.get().cloned().unwrap_or_else(|| starting.clone());
+        router.oneshot(request)
+    }));
     let server = tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future());
-    if let Some(members) = &member.init_members {
-        replica.initialize(members).await?;
-    }
+
+    let replica = Replica::start(member.replica.clone(), machine).await?;
+    let _ = routes.set(router(api(&replica), &replica, identity, token));
     quire_common::announce::spawn(
         replica.client.clone(),
         member.balancers.clone(),
@@ -55,7 +68,15 @@ pub async fn serve(
         replica.token.0.to_string(),
         Duration::from_secs(2),
     );
-    tracing::info!(server = %member.name, id = replica.id, url = %replica.advertise, "replica serving");
+    if !replica.replaces().is_empty() {
+        tokio::spawn(replica.clone().take_seat());
+    }
+    tracing::info!(
+        server = %member.name,
+        id = %crate::display_id(replica.id),
+        url = %replica.advertise,
+        "replica serving"
+    );
     // A Raft core that stopped on a storage error leaves a server that answers /health but
     // will never replicate again: exit instead, so the supervisor restarts the process.
     let wait = replica.raft.wait(None);
@@ -69,4 +90,14 @@ pub async fn serve(
     }
     replica.shutdown().await;
     Ok(())
+}
+
+/// What a replica answers while it is still deciding who it is: to the others, that it
+/// has no group yet; to everything else, that it is not ready.
+fn starting_router(group: String, token: Token) -> Router {
+    let view = GroupView { group, ..GroupView::default() };
+    let raft = Router::new().route("/raft/membership", get(move || async move { axum::Json(view) }));
+    guarded(raft, token)
+        .route("/health", get(|| async { axum::Json(serde_json::json!({"ok": true})) }))
+        .fallback(|| async { ApiError::unavailable("this replica is starting") })
 }

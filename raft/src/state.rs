@@ -237,7 +237,12 @@ fn apply_batch(
         last = Some(entry.log_id);
         let response = match entry.payload {
             EntryPayload::Blank => serde_json::Value::Null,
-            EntryPayload::Normal(command) => machine.apply(&tx, entry.log_id.index, &command).map_err(sm_err)?,
+            EntryPayload::Normal(command) => match in_term(&command) {
+                // A proposal bound to the term it was made in, appended in a later one.
+                Some((term, _)) if term != entry.log_id.leader_id.term => stale_term(term),
+                Some((_, command)) => apply_one(&tx, machine, entry.log_id.index, command)?,
+                None => apply_one(&tx, machine, entry.log_id.index, &command)?,
+            },
             EntryPayload::Membership(m) => {
                 membership = Some(StoredMembership::new(Some(entry.log_id), m));
                 serde_json::Value::Null
@@ -256,6 +261,68 @@ fn apply_batch(
     drop(put);
     tx.commit().map_err(sm_err)?;
     Ok(responses)
+}
+
+/// Applies one command inside a savepoint. A failure the command itself causes (a
+/// constraint it breaks, a value out of range) fails the same way on every replica: it is
+/// rolled back and answered as [`rejected`], so the entry is applied as a no-op everywhere
+/// and the group goes on. Any other failure (I/O, a full disk, corruption) is a storage
+/// error, which stops this replica alone.
+fn apply_one(
+    tx: &rusqlite::Transaction<'_>,
+    machine: &dyn Machine,
+    index: u64,
+    command: &serde_json::Value,
+) -> StorageResult<serde_json::Value> {
+    tx.execute_batch("SAVEPOINT command").map_err(sm_err)?;
+    match machine.apply(tx, index, command) {
+        Ok(response) => {
+            tx.execute_batch("RELEASE command").map_err(sm_err)?;
+            Ok(response)
+        }
+        Err(e) if caused_by_the_command(&e) => {
+            tracing::warn!(index, error = %e, "command rejected by the state machine; applied as a no-op");
+            tx.execute_batch("ROLLBACK TO command; RELEASE command").map_err(sm_err)?;
+            Ok(rejected(&e.to_string()))
+        }
+        Err(e) => Err(sm_err(e)),
+    }
+}
+
+/// The key of a proposal bound to a term: `{"in_term": t, "command": c}` applies `c` only if
+/// the entry was appended in term `t` (see [`Replica::propose_in_term`](crate::Replica)).
+pub const IN_TERM: &str = "in_term";
+
+/// The term and command of a term-bound proposal.
+fn in_term(proposal: &serde_json::Value) -> Option<(u64, &serde_json::Value)> {
+    Some((proposal.get(IN_TERM)?.as_u64()?, proposal.get("command")?))
+}
+
+/// The answer of a term-bound proposal appended in another term: applied as a no-op.
+fn stale_term(term: u64) -> serde_json::Value {
+    serde_json::json!({ "error": "stale_term", "message": format!("proposed in term {term}, appended in another") })
+}
+
+/// The answer of a command the state machine could not apply (see [`apply_one`]).
+pub fn rejected(reason: &str) -> serde_json::Value {
+    serde_json::json!({ "error": "rejected", "message": reason })
+}
+
+/// Whether `e` follows from the command's data, and so happens on every replica alike.
+fn caused_by_the_command(e: &rusqlite::Error) -> bool {
+    use rusqlite::{Error, ErrorCode};
+    match e {
+        Error::SqliteFailure(f, _) => {
+            matches!(f.code, ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch | ErrorCode::TooBig)
+        }
+        Error::IntegralValueOutOfRange(..)
+        | Error::FromSqlConversionFailure(..)
+        | Error::InvalidColumnType(..)
+        | Error::ToSqlConversionFailure(..)
+        | Error::QueryReturnedNoRows
+        | Error::Utf8Error(..) => true,
+        _ => false,
+    }
 }
 
 impl RaftStateMachine<TypeConfig> for StateStore {

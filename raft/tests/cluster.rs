@@ -10,14 +10,15 @@ use std::time::{Duration, Instant};
 
 use quire_common::http::Token;
 use quire_common::Deadline;
-use quire_raft::{Machine, NodeId, Replica, ReplicaConfig, Tuning};
+use quire_raft::{Machine, NodeId, Replica, ReplicaConfig, Tuning, WriteError};
 use serde_json::{json, Value};
 
 struct Kv;
 
 impl Machine for Kv {
     fn schema(&self) -> &'static str {
-        "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT NOT NULL, version INTEGER NOT NULL);"
+        // Values are short: a longer one breaks the constraint, on every replica alike.
+        "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT NOT NULL CHECK (length(v) <= 64), version INTEGER NOT NULL);"
     }
     fn tables(&self) -> &'static [&'static str] {
         &["kv"]
@@ -31,7 +32,7 @@ impl Machine for Kv {
     }
 }
 
-const TOKEN: &str = "test-token";
+const TOKEN: &str = "test-token-of-the-cluster";
 
 struct Node {
     replica: Arc<Replica>,
@@ -51,21 +52,38 @@ fn tuning() -> Tuning {
 }
 
 async fn start_node(id: NodeId, dir: std::path::PathBuf, listener: Option<tokio::net::TcpListener>) -> Node {
+    start_member(id, dir, listener, vec![]).await
+}
+
+/// Starts seat `id` (asking `peers` who it is if its directory is empty).
+async fn start_member(
+    id: NodeId,
+    dir: std::path::PathBuf,
+    listener: Option<tokio::net::TcpListener>,
+    peers: Vec<String>,
+) -> Node {
     let listener = match listener {
         Some(l) => l,
         None => tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
     };
     let url = format!("http://{}", listener.local_addr().unwrap());
     let config = ReplicaConfig {
-        id,
+        seat: id,
+        group: "kv".into(),
         advertise: url.clone(),
         dir: dir.clone(),
-        token: Token::new(TOKEN),
+        token: Token::new(TOKEN).unwrap(),
         tuning: tuning(),
+        init: None,
+        peers,
+        first_start: false,
         capacity: None,
     };
     let replica = Replica::start(config, Arc::new(Kv)).await.unwrap();
-    let app = quire_raft::http::router(replica.clone(), Token::new(TOKEN));
+    if !replica.replaces().is_empty() {
+        tokio::spawn(replica.clone().take_seat());
+    }
+    let app = quire_raft::http::router(replica.clone(), Token::new(TOKEN).unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -227,7 +245,15 @@ async fn new_member_gets_snapshot_and_replaces_a_voter() {
     let l = nodes.iter().position(|n| n.replica.id == leader).unwrap();
 
     let fresh = start_node(4, root.path().join("n4"), None).await;
-    nodes[l].replica.add_learner(4, &fresh.url).await.unwrap();
+    // Through whichever node leads (a loaded machine may change leaders meanwhile).
+    let start = Instant::now();
+    while let Err(e) =
+        nodes.iter().find(|n| n.replica.is_leader()).unwrap_or(&nodes[l]).replica.add_learner(4, &fresh.url).await
+    {
+        assert!(start.elapsed() < Duration::from_secs(10), "node 4 was never added: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let l = nodes.iter().position(|n| n.replica.is_leader()).unwrap_or(l);
     // The learner started from nothing: it can only have caught up through a snapshot.
     wait_for("node 4 to install a snapshot", Duration::from_secs(10), || fresh.replica.metrics().snapshot.map(|_| ()))
         .await;
@@ -242,4 +268,72 @@ async fn new_member_gets_snapshot_and_replaces_a_voter() {
     converge(&nodes.iter().collect::<Vec<_>>()).await;
     assert_eq!(get(nodes.last().unwrap(), "k42").await.as_deref(), Some("v42"));
     assert_eq!(get(nodes.last().unwrap(), "final").await.as_deref(), Some("yes"));
+}
+
+/// A command that breaks a constraint fails alike on every replica: it is applied as a
+/// no-op answered `rejected`, and the group goes on, rather than every replica's Raft core
+/// stopping on it (and again after each restart, as it is applied anew).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_that_cannot_apply_is_rejected_and_the_group_goes_on() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(root.path()).await;
+    put(&nodes, "a", "1").await;
+    let leader = leader_of(&nodes.iter().collect::<Vec<_>>()).await;
+    let l = nodes.iter().position(|n| n.replica.id == leader).unwrap();
+    let poison = json!({"k": "a", "v": "x".repeat(100)});
+    match nodes[l].replica.propose(poison).await {
+        Err(WriteError::Rejected(reason)) => assert!(reason.contains("CHECK"), "{reason}"),
+        other => panic!("a command breaking a constraint was not rejected: {other:?}"),
+    }
+    put(&nodes, "b", "2").await;
+    converge(&nodes.iter().collect::<Vec<_>>()).await;
+    for n in &nodes {
+        assert!(n.replica.metrics().running_state.is_ok(), "node {} stopped", n.replica.id);
+        assert_eq!(get(n, "a").await.as_deref(), Some("1"), "the rejected command changed nothing");
+    }
+    // A node restarted from its files applies the same log again, and again goes on.
+    let f = (l + 1) % 3;
+    let (id, url, dir) = nodes.remove(f).kill().await;
+    let listener = tokio::net::TcpListener::bind(url.trim_start_matches("http://")).await.unwrap();
+    nodes.push(start_node(id, dir, Some(listener)).await);
+    put(&nodes, "c", "3").await;
+    converge(&nodes.iter().collect::<Vec<_>>()).await;
+    assert_eq!(get(nodes.last().unwrap(), "c").await.as_deref(), Some("3"));
+}
+
+/// A voter that comes back with an empty directory never votes as the node whose log it
+/// lost: it starts as a new incarnation of its seat, joins as a learner, and once caught up
+/// takes the seat's place among the voters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_voter_returns_as_a_new_incarnation_and_takes_its_seat() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(root.path()).await;
+    for i in 0..30 {
+        put(&nodes, &format!("k{i}"), "v").await;
+    }
+    let leader = leader_of(&nodes.iter().collect::<Vec<_>>()).await;
+    let f = nodes.iter().position(|n| n.replica.id != leader).unwrap();
+    let (seat, url, dir) = nodes.remove(f).kill().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    put(&nodes, "while-away", "v").await;
+    let peers = nodes.iter().map(|n| n.url.clone()).collect();
+    let listener = tokio::net::TcpListener::bind(url.trim_start_matches("http://")).await.unwrap();
+    let back = start_member(seat, dir, Some(listener), peers).await;
+    let incarnation = back.replica.id;
+    assert_eq!((quire_raft::seat(incarnation), quire_raft::incarnation(incarnation)), (seat, 1));
+    nodes.push(back);
+    let l = nodes.iter().position(|n| n.replica.id == leader).unwrap();
+    wait_for("the new incarnation to take its seat among the voters", Duration::from_secs(20), || {
+        let m = nodes[l].replica.metrics();
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        (voters.contains(&incarnation) && !voters.contains(&seat) && voters.len() == 3).then_some(())
+    })
+    .await;
+    converge(&nodes.iter().collect::<Vec<_>>()).await;
+    assert_eq!(get(nodes.last().unwrap(), "while-away").await.as_deref(), Some("v"));
+    let back = nodes.last().unwrap();
+    wait_for("the incarnation to record that its seat is taken", Duration::from_secs(10), || {
+        back.replica.replaces().is_empty().then_some(())
+    })
+    .await;
 }
