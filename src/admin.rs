@@ -83,3 +83,43 @@ async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
         client.post(format!("{base}{path}")).header(headers::TOKEN, token).timeout(Duration::from_secs(60)).json(body);
     call(request).await
 }
+
+/// Removes from each group of the store the learners no server of `layout` holds the seat
+/// of: those an earlier run's autoscaler launched (a new run does not start them again) or
+/// failed to remove. A learner of a seat the layout holds is kept (a new incarnation taking
+/// a voter's place).
+pub async fn remove_stray_learners(layout: crate::supervisor::Layout) {
+    let client = quire_common::client::http_client();
+    for tier in ["catalog", "order"] {
+        let replicas: Vec<&crate::supervisor::Server> = layout.servers.iter().filter(|s| s.tier == tier).collect();
+        let seats: Vec<u64> =
+            replicas.iter().filter_map(|s| s.name.rsplit('-').next().and_then(|n| n.parse().ok())).collect();
+        let mut learners = None;
+        for replica in &replicas {
+            let request = client.get(format!("{}/status", replica.url)).timeout(Duration::from_secs(1));
+            let Ok(status) = call::<quire_common::status::ServerStatus>(request).await else { continue };
+            if status.role == quire_common::status::Role::Leader {
+                learners = status.details["learners"].as_array().cloned();
+                break;
+            }
+        }
+        let learners = learners.into_iter().flatten().filter_map(|id| id.as_u64());
+        let strays: BTreeSet<NodeId> = quire_common::node::strays(learners, &seats).into_iter().collect();
+        if strays.is_empty() {
+            continue;
+        }
+        tracing::warn!(tier, ?strays, "removing learners no server of this store holds");
+        let Some(balancer) = layout.servers.iter().find(|s| s.tier == format!("{tier}-balancer")) else { continue };
+        let removed = post::<_, MembershipAnswer>(
+            &client,
+            &balancer.url,
+            "/admin/members/remove",
+            &layout.token,
+            &quire_raft::http::RemoveRequest { ids: strays },
+        )
+        .await;
+        if let Err(e) = removed {
+            tracing::warn!(tier, error = %e, "stray learners not removed");
+        }
+    }
+}

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
 use quire::supervisor::{Store, StoreOptions};
+use quire_common::api::MAX_RESTOCK;
 use quire_common::capacity::Costs;
 use quire_common::http::Token;
 
@@ -65,23 +66,24 @@ struct UpArgs {
     /// Port of the edge balancer, the store's public entry point.
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    #[arg(long, default_value_t = 2)]
+    /// Frontends (at least one: the edge has nothing else to send requests to).
+    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     frontends: usize,
     /// Balancers per service tier (catalog, order); two means none is a single point of failure.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     balancers: usize,
     /// Server capacity: `cloud-sim` emulates the seeds' cloud (5 s boot, fixed work per
     /// request, worker slots) so that autoscaling matters on one machine.
     #[arg(long, value_enum, default_value_t = Profile::Default)]
     profile: Profile,
     /// Worker slots per server under `cloud-sim`.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     slots: u32,
     /// Autoscaling policy: default, queue, rate or hpa.
     #[arg(long, default_value = "default")]
     policy: String,
     /// Most servers the autoscaler runs per tier.
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     max_servers: u32,
     /// Do not run the autoscaler (it runs under `--profile cloud-sim`, where capacity is
     /// modelled; the default profile's capacity is the machine's, so its tiers stay fixed).
@@ -90,7 +92,8 @@ struct UpArgs {
     /// Do not restart servers that die.
     #[arg(long)]
     no_restart: bool,
-    #[arg(long, default_value_t = 100)]
+    /// Copies a sold-out book gets (0: never restock; at most a million).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_RESTOCK)))]
     restock_amount: u32,
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     restock_delay: Duration,
@@ -253,6 +256,14 @@ struct FrontendArgs {
     buy_deadline: Duration,
     #[arg(long, default_value = "80ms", value_parser = humantime::parse_duration)]
     lease_renew: Duration,
+}
+
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_member(text: &str) -> Result<(u64, String), String> {
@@ -536,12 +547,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let shutdown = quire_common::shutdown::signal();
     tokio::pin!(shutdown);
     let mut announced = false;
-    // Servers that died, and when to start them again.
-    let mut restarts: Vec<(String, std::time::Instant)> = Vec::new();
+    let mut keeper = quire::supervisor::Keeper::new(&store, RESTART_DELAY);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    loop {
+    let outcome = loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut shutdown => break Ok(()),
             _ = tick.tick() => {}
         }
         if !announced {
@@ -557,27 +567,31 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
                     "try: curl {edge}/search/distributed%20systems   |   quire status --data-dir {}",
                     args.data_dir.display()
                 );
+                tokio::spawn(quire::admin::remove_stray_learners(store.layout()));
             }
         }
+        let mut gave_up = None;
         for (name, status) in store.reap_exited() {
-            if args.no_restart {
-                tracing::warn!(server = %name, %status, "server exited");
-                continue;
-            }
-            tracing::warn!(server = %name, %status, "server exited; restarting it in {RESTART_DELAY:?}");
-            restarts.push((name, std::time::Instant::now() + RESTART_DELAY));
-        }
-        let now = std::time::Instant::now();
-        for (name, _) in restarts.iter().filter(|(_, at)| *at <= now) {
-            match store.restart(name) {
-                Ok(pid) => tracing::info!(server = %name, pid, "restarted"),
-                Err(e) => tracing::error!(server = %name, error = %e, "cannot restart"),
+            tracing::warn!(server = %name, %status, "server exited");
+            if !args.no_restart {
+                if let Err(e) = keeper.exited(&store, &name) {
+                    gave_up = Some(e);
+                }
             }
         }
-        restarts.retain(|(_, at)| *at > now);
+        if let Some(e) = gave_up {
+            break Err(e);
+        }
+        if let Err(e) = keeper.restart_due(&store) {
+            break Err(e);
+        }
+    };
+    if let Err(e) = &outcome {
+        tracing::error!(error = %e, "giving up");
+        eprintln!("{e}");
     }
     println!("stopping quire...");
     tokio::task::block_in_place(|| store.stop(Duration::from_secs(10)));
     println!("stopped");
-    Ok(())
+    outcome.map_err(|e| anyhow::anyhow!("the store was stopped: {} kept failing at start", e.name))
 }

@@ -372,9 +372,29 @@ pub struct Store {
 /// The descriptor at which a server finds the listening socket its supervisor bound for it.
 pub const LISTEN_FD: i32 = 3;
 
+/// Refuses what would start a store that cannot work, before any server starts: a catalog
+/// that does not load (the error names the file, the line and the reason), no frontend,
+/// no balancer, no replica.
+pub fn validate(opts: &StoreOptions) -> anyhow::Result<()> {
+    anyhow::ensure!(opts.frontends >= 1, "a store needs at least one frontend: nothing else reaches its API");
+    anyhow::ensure!(opts.balancers >= 1, "a store needs at least one balancer per service");
+    anyhow::ensure!(opts.replicas >= 1, "a replica group needs at least one replica");
+    anyhow::ensure!(
+        opts.restock_amount <= quire_common::api::MAX_RESTOCK,
+        "a restock adds at most {} copies",
+        quire_common::api::MAX_RESTOCK
+    );
+    if let Some(csv) = &opts.catalog_csv {
+        let books = quire_catalog::seed::from_csv(csv)?;
+        anyhow::ensure!(!books.is_empty(), "{}: the catalog has no books", csv.display());
+    }
+    Ok(())
+}
+
 impl Store {
-    /// Plans the store and starts every server.
+    /// Validates the options, plans the store and starts every server.
     pub fn launch(opts: &StoreOptions) -> anyhow::Result<Store> {
+        validate(opts)?;
         std::fs::create_dir_all(opts.data_dir.join("logs"))?;
         let (layout, listeners) = plan(opts)?;
         layout.save(&opts.data_dir)?;
@@ -704,4 +724,94 @@ fn die_with_parent(command: &mut Command) {
             Ok(())
         });
     }
+}
+
+/// How `quire up` keeps a store running: a server that dies is started again after a delay
+/// (long enough for its group to fail over without it), and one that keeps failing at start
+/// makes it give up rather than restart it forever.
+pub struct Keeper {
+    delay: Duration,
+    /// A server that exits within this long of starting failed at start.
+    window: Duration,
+    /// Failed starts in a row after which the keeper gives up.
+    limit: u32,
+    started: HashMap<String, std::time::Instant>,
+    failed: HashMap<String, u32>,
+    due: Vec<(String, std::time::Instant)>,
+}
+
+/// A server kept failing at start.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{name} failed {failures} times in a row within {window:?} of starting; its last error: {}\n(see {})",
+    last_error.as_deref().unwrap_or("none logged"),
+    log.display()
+)]
+pub struct GaveUp {
+    pub name: String,
+    pub failures: u32,
+    pub window: Duration,
+    pub last_error: Option<String>,
+    pub log: PathBuf,
+}
+
+impl Keeper {
+    pub fn new(store: &Store, delay: Duration) -> Keeper {
+        let now = std::time::Instant::now();
+        let started = store.layout().servers.into_iter().map(|s| (s.name, now)).collect();
+        Keeper { delay, window: Duration::from_secs(10), limit: 3, started, failed: HashMap::new(), due: Vec::new() }
+    }
+
+    /// `name` exited: schedules its restart, unless it has now failed at start too often.
+    pub fn exited(&mut self, store: &Store, name: &str) -> Result<(), GaveUp> {
+        let quick = self.started.get(name).is_none_or(|at| at.elapsed() < self.window);
+        self.failure(store, name, quick)
+    }
+
+    /// Restarts the servers whose delay is over.
+    pub fn restart_due(&mut self, store: &Store) -> Result<(), GaveUp> {
+        let now = std::time::Instant::now();
+        let due: Vec<String> = self.due.iter().filter(|(_, at)| *at <= now).map(|(n, _)| n.clone()).collect();
+        self.due.retain(|(_, at)| *at > now);
+        for name in due {
+            match store.restart(&name) {
+                Ok(pid) => {
+                    tracing::info!(server = %name, pid, "restarted");
+                    self.started.insert(name, std::time::Instant::now());
+                }
+                Err(e) => {
+                    tracing::error!(server = %name, error = %e, "cannot restart");
+                    self.failure(store, &name, true)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn failure(&mut self, store: &Store, name: &str, at_start: bool) -> Result<(), GaveUp> {
+        let failures = self.failed.entry(name.to_string()).or_default();
+        *failures = if at_start { *failures + 1 } else { 0 };
+        if *failures >= self.limit {
+            let log = store.log_file(name);
+            return Err(GaveUp {
+                name: name.to_string(),
+                failures: *failures,
+                window: self.window,
+                last_error: last_error(&log),
+                log,
+            });
+        }
+        tracing::warn!(server = %name, "server exited; restarting it in {:?}", self.delay);
+        self.due.push((name.to_string(), std::time::Instant::now() + self.delay));
+        Ok(())
+    }
+}
+
+/// The last error a server logged: its exit error (`Error: ...`) or an ERROR line.
+pub fn last_error(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with("Error:") || l.starts_with("error:") || l.contains(" ERROR "))
+        .map(|l| l.trim().to_string())
 }

@@ -142,9 +142,10 @@ async fn replica_with_an_empty_data_dir_gets_a_snapshot() {
         })
         .await;
         eprintln!("{victim} rebuilt from an empty directory in {:?}", started.elapsed());
+        // A snapshot it received from the leader, not one it built itself.
         assert!(
-            status.details["snapshot_index"].as_u64().is_some(),
-            "{victim} caught up without a snapshot: {status:?}"
+            status.details["installed_snapshot"].as_u64().is_some(),
+            "{victim} caught up without a snapshot from its leader: {status:?}"
         );
     }
     finish(t, w).await;
@@ -292,6 +293,69 @@ async fn steady_state_through_the_caches() {
     let began = Instant::now();
     while began.elapsed() < Duration::from_secs(15) {
         w.progress(100, 20).await;
+    }
+    finish(t, w).await;
+}
+
+/// A voter wiped and restarted, then the leader lost: the wiped voter comes back as a new
+/// incarnation (a learner until caught up), so it cannot hand a lagging voter the majority
+/// that would elect it without the entries the wiped voter had acknowledged. The group
+/// waits for the old leader instead, and no acknowledged buy is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wiped_voter_then_leader_lost() {
+    let t = TestStore::start(Options::default()).await;
+    let w = workload(&t);
+    w.progress(20, 5).await;
+    let leader = t.leader("order").await;
+    let followers = t.followers("order").await;
+    let (wiped, lagging) = (&followers[0], &followers[1]);
+    // Acknowledged buys from now on are on the leader and the soon-wiped follower only.
+    t.store.signal(lagging, Signal::SIGSTOP).expect("stop");
+    w.progress(0, 10).await;
+    t.store.kill(wiped).expect("kill");
+    t.store.wipe(wiped).expect("wipe");
+    t.store.restart(wiped).expect("restart");
+    wait_for(&format!("{wiped} to run again"), Duration::from_secs(20), || async { t.status(wiped).await.map(|_| ()) })
+        .await;
+    t.store.kill(&leader).expect("kill");
+    t.store.signal(lagging, Signal::SIGCONT).expect("cont");
+    // Without the old leader, no majority of the voters has the entries: there must be no
+    // leader (before the fix, the lagging voter won with the wiped one's vote).
+    let lonely = Instant::now();
+    while lonely.elapsed() < Duration::from_secs(3) {
+        let s = t.status(lagging).await;
+        assert!(
+            s.as_ref().is_none_or(|s| s.role != quire_common::status::Role::Leader),
+            "{lagging} became leader without the entries only the dead leader holds: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.store.restart(&leader).expect("restart");
+    let seat: u64 = wiped.rsplit('-').next().and_then(|n| n.parse().ok()).expect("seat");
+    wait_for(&format!("{wiped}'s new incarnation to take its voter seat"), Duration::from_secs(60), || async {
+        let s = t.status(&t.leader("order").await).await?;
+        let voters: Vec<u64> = s.details["voters"].as_array()?.iter().filter_map(|v| v.as_u64()).collect();
+        (voters.len() == 3 && !voters.contains(&seat) && voters.iter().any(|v| v & 0xffff_ffff == seat)).then_some(())
+    })
+    .await;
+    finish(t, w).await;
+}
+
+/// A leader killed with -9 and started again at once: openraft brings it back leading the
+/// same term, with a fresh process (a new office for the cache holds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leaders_restarted_at_once() {
+    let t = TestStore::start(Options::default()).await;
+    let w = workload(&t);
+    w.progress(50, 10).await;
+    for tier in ["catalog", "order", "catalog"] {
+        let leader = t.leader(tier).await;
+        let term = t.status(&leader).await.map(|s| s.term);
+        t.store.kill(&leader).expect("kill");
+        t.store.restart(&leader).expect("restart");
+        w.progress(30, 5).await;
+        let now = t.status(&t.leader(tier).await).await.map(|s| s.term);
+        eprintln!("{leader} restarted at once: term {term:?} → {now:?}");
     }
     finish(t, w).await;
 }

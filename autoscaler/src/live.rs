@@ -272,13 +272,8 @@ impl<B: Backend> Autoscaler<B> {
                 let tracked = state.servers.iter().filter(|t| t.server.tier == tier);
                 tracked.filter_map(|t| t.server.node_id.map(seat)).collect()
             };
-            let strays: Vec<u64> = leader.details["learners"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|id| id.as_u64())
-                .filter(|id| !seats.contains(&seat(*id)))
-                .collect();
+            let learners = leader.details["learners"].as_array().into_iter().flatten().filter_map(|id| id.as_u64());
+            let strays = quire_common::node::strays(learners, &seats);
             if strays.is_empty() {
                 continue;
             }

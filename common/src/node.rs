@@ -23,6 +23,13 @@ pub fn display_id(id: NodeId) -> String {
     }
 }
 
+/// The `learners` of a group that hold none of `seats` (the seats of the servers a fleet
+/// runs): left by an earlier run, or whose removal failed. A learner of a held seat is a
+/// new incarnation taking that seat's place, and stays.
+pub fn strays(learners: impl IntoIterator<Item = NodeId>, seats: &[u64]) -> Vec<NodeId> {
+    learners.into_iter().filter(|id| !seats.contains(&seat(*id))).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -31,5 +38,10 @@ mod tests {
     fn ids_are_seats_and_incarnations() {
         let id = (2 << 32) | 7;
         assert_eq!((seat(id), incarnation(id), display_id(id), display_id(7)), (7, 2, "7.2".into(), "7".into()));
+    }
+
+    #[test]
+    fn strays_are_learners_of_no_held_seat() {
+        assert_eq!(strays([101, (1 << 32) | 2, 103], &[1, 2, 3, 103]), vec![101]);
     }
 }

@@ -27,8 +27,8 @@ use crate::{NodeId, TypeConfig};
 
 type Shared = State<Arc<Replica>>;
 
-/// Largest Raft RPC body: a snapshot chunk (see `snapshot_max_chunk_size`) as JSON, or a
-/// batch of log entries.
+/// Largest Raft RPC body: a snapshot chunk (see `snapshot_max_chunk_size`), or a batch of
+/// log entries.
 pub const RAFT_BODY_LIMIT: usize = 64 * 1024 * 1024;
 
 pub fn router(replica: Arc<Replica>, token: Token) -> Router {
@@ -106,11 +106,25 @@ async fn vote(
     Ok(axum::Json(r.raft.vote(rpc).await))
 }
 
+/// One chunk of a snapshot: described in a header, its bytes the raw body.
 async fn snapshot(
     State(r): Shared,
-    Json(rpc): Json<InstallSnapshotRequest<TypeConfig>>,
+    headers: axum::http::HeaderMap,
+    data: axum::body::Bytes,
 ) -> Result<axum::Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>>, ApiError> {
-    from_myself(&r, rpc.vote.leader_id().voted_for())?;
+    let chunk = headers
+        .get(crate::network::SNAPSHOT_CHUNK)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| serde_json::from_str::<crate::network::SnapshotChunk>(v).ok())
+        .ok_or_else(|| ApiError::bad_request("invalid_body", "a snapshot chunk needs its description header"))?;
+    from_myself(&r, chunk.vote.leader_id().voted_for())?;
+    let rpc = InstallSnapshotRequest::<TypeConfig> {
+        vote: chunk.vote,
+        meta: chunk.meta,
+        offset: chunk.offset,
+        data: data.to_vec(),
+        done: chunk.done,
+    };
     Ok(axum::Json(r.raft.install_snapshot(rpc).await))
 }
 
@@ -266,6 +280,9 @@ pub fn server_status(replica: &Replica, identity: &Identity) -> quire_common::st
         details: serde_json::json!({
             "last_log_index": m.last_log_index,
             "snapshot_index": m.snapshot.map(|s| s.index),
+            // A snapshot received from a leader, as opposed to one built here.
+            "installed_snapshot": Some(replica.installed_snapshot.load(std::sync::atomic::Ordering::Acquire))
+                .filter(|i| *i > 0),
             "purged_index": m.purged.map(|s| s.index),
             "voters": membership.voter_ids().collect::<Vec<_>>(),
             "learners": membership.learner_ids().collect::<Vec<_>>(),

@@ -37,7 +37,8 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = serde_json::Value,
         R = serde_json::Value,
-        SnapshotData = std::io::Cursor<Vec<u8>>,
+        // A snapshot is a SQLite file, streamed from and to disk.
+        SnapshotData = tokio::fs::File,
 );
 
 /// The service-specific part of a replica's state.

@@ -28,6 +28,18 @@ fn to_json<T: Serialize, E: std::error::Error>(
     serde_json::to_vec(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))
 }
 
+/// The header describing a snapshot chunk whose bytes are the request's body.
+pub const SNAPSHOT_CHUNK: &str = "x-quire-snapshot-chunk";
+
+/// An InstallSnapshot RPC but for its data.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct SnapshotChunk {
+    pub vote: openraft::Vote<NodeId>,
+    pub meta: openraft::SnapshotMeta<NodeId, BasicNode>,
+    pub offset: u64,
+    pub done: bool,
+}
+
 #[derive(Clone)]
 pub struct Network {
     pub client: reqwest::Client,
@@ -68,24 +80,39 @@ impl Peer {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let response = self
+        self.post(route, body, "application/json", None, option).await
+    }
+
+    async fn post<Resp, E>(
+        &self,
+        route: &str,
+        body: Vec<u8>,
+        content_type: &str,
+        chunk: Option<String>,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let mut request = self
             .client
             .post(format!("{}/raft/{route}", self.addr))
             .header(headers::TOKEN, &*self.token)
             .header(headers::GROUP, &*self.group)
             .header(headers::NODE, self.target)
             .timeout(option.hard_ttl())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_connect() {
-                    RPCError::Unreachable(Unreachable::new(&e))
-                } else {
-                    RPCError::Network(NetworkError::new(&e))
-                }
-            })?;
+            .header(reqwest::header::CONTENT_TYPE, content_type);
+        if let Some(chunk) = chunk {
+            request = request.header(SNAPSHOT_CHUNK, chunk);
+        }
+        let response = request.body(body).send().await.map_err(|e| {
+            if e.is_connect() {
+                RPCError::Unreachable(Unreachable::new(&e))
+            } else {
+                RPCError::Network(NetworkError::new(&e))
+            }
+        })?;
         if !response.status().is_success() {
             let e = std::io::Error::other(format!("peer answered {}", response.status()));
             return Err(RPCError::Network(NetworkError::new(&e)));
@@ -120,7 +147,10 @@ impl RaftNetwork<TypeConfig> for Peer {
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
     {
-        self.send("snapshot", to_json(&rpc)?, &option).await
+        // The chunk travels as the raw body; what describes it, in a header.
+        let chunk = SnapshotChunk { vote: rpc.vote, meta: rpc.meta, offset: rpc.offset, done: rpc.done };
+        let header = serde_json::to_string(&chunk).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.post("snapshot", rpc.data, "application/octet-stream", Some(header), &option).await
     }
 
     async fn vote(

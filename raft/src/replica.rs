@@ -135,6 +135,8 @@ pub struct Replica {
     /// Members this replica knew of at start (founding voters and peers), to find the
     /// leader through before it is a member itself.
     peers: Vec<String>,
+    /// The last log index of the newest snapshot a leader sent this replica (0: none).
+    pub installed_snapshot: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -164,7 +166,7 @@ impl Replica {
         let log = LogStore::open(&config.dir.join("raft.db"))?;
         let (identity, found) = identify(&config, &log, &client).await?;
         let state = StateStore::open(&config.dir, machine.clone())?;
-        let reads = state.reads.clone();
+        let (reads, installed) = (state.reads.clone(), state.installed.clone());
         let network =
             Network { client: client.clone(), token: config.token.0.clone(), group: config.group.clone().into() };
         let raft = Raft::new(identity.node_id, Arc::new(raft_config), network, log.clone(), state).await?;
@@ -196,6 +198,7 @@ impl Replica {
             log,
             replaces: std::sync::Mutex::new(identity.replaces),
             peers: config.peers.iter().cloned().chain(config.init.iter().flat_map(|m| m.values().cloned())).collect(),
+            installed_snapshot: installed,
         });
         let _ = cell.set(Arc::downgrade(&replica));
         if let Some(members) = found {

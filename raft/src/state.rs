@@ -4,13 +4,13 @@
 //! membership) is one transaction, so after a crash the file is at some applied prefix of
 //! the log and openraft replays the rest. A snapshot is the whole file, made with
 //! `VACUUM INTO` from a read transaction (so it is consistent with the `last_applied` it
-//! holds); installing one copies its tables into ours inside one transaction, which keeps
-//! every open read connection valid. The current snapshot is `snapshot.db`, fsynced and
+//! holds); it is sent and received a chunk at a time, straight from and to its file;
+//! installing one copies its tables into ours inside one transaction, which keeps every
+//! open read connection valid. File work and fsyncs run on blocking threads. The current snapshot is `snapshot.db`, fsynced and
 //! renamed into place; its metadata is read from the file itself. Since `state.db` is not
 //! fsynced on every apply, a replica whose state is found behind its snapshot at startup
 //! (power loss after the log was purged) restores the snapshot first.
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -139,6 +139,9 @@ pub struct StateStore {
     /// Serialises building and installing snapshots (both touch the snapshot files).
     snapshot_lock: Arc<tokio::sync::Mutex<()>>,
     pub reads: Arc<Reads>,
+    /// The last log index of the newest snapshot a leader sent and this replica installed
+    /// (0: none), as opposed to one it built itself.
+    pub installed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StateStore {
@@ -168,6 +171,7 @@ impl StateStore {
             machine,
             snapshot_lock: Arc::new(tokio::sync::Mutex::new(())),
             reads: Arc::new(Reads::new(path)),
+            installed: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         })
     }
 
@@ -189,15 +193,33 @@ impl StateStore {
         self.dir.join("snapshot.db")
     }
 
-    /// Makes `file` the current snapshot: fsynced, then renamed over the old one (atomic),
-    /// then the directory fsynced. The snapshot's metadata is read from the file itself, so
-    /// data and metadata can never disagree.
-    fn keep_snapshot(&self, file: &Path) -> std::io::Result<SnapshotMeta<NodeId, openraft::BasicNode>> {
-        std::fs::File::open(file)?.sync_all()?;
-        std::fs::rename(file, self.snapshot_db())?;
-        std::fs::File::open(&self.dir)?.sync_all()?;
-        snapshot_meta(&self.snapshot_db()).map_err(|e| std::io::Error::other(e.to_string()))
+    /// The current snapshot, open for reading from its start: sent to a follower a chunk at
+    /// a time, never read whole into memory (a snapshot built meanwhile replaces the file's
+    /// name, not the file this handle reads).
+    async fn open_snapshot(&self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let path = self.snapshot_db();
+        let meta = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || path.exists().then(|| snapshot_meta(&path)).transpose())
+                .await
+                .map_err(snap_err)?
+                .map_err(snap_err)?
+        };
+        let Some(meta) = meta else { return Ok(None) };
+        let file = tokio::fs::File::open(&path).await.map_err(snap_err)?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
     }
+}
+
+/// Makes `file` the current snapshot of `dir`: fsynced, then renamed over the old one
+/// (atomic), then the directory fsynced. The snapshot's metadata is read from the file
+/// itself, so data and metadata can never disagree. Blocking: call it on a blocking thread.
+fn keep_snapshot(dir: &Path, file: &Path) -> std::io::Result<SnapshotMeta<NodeId, openraft::BasicNode>> {
+    let current = dir.join("snapshot.db");
+    std::fs::File::open(file)?.sync_all()?;
+    std::fs::rename(file, &current)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    snapshot_meta(&current).map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 /// A snapshot file's metadata, from its own `quire_meta` (the state it holds).
@@ -345,40 +367,53 @@ impl RaftStateMachine<TypeConfig> for StateStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    /// A snapshot from the leader is written to `incoming.db` a chunk at a time.
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<tokio::fs::File>> {
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(self.dir.join("incoming.db"))
+            .await
+            .map_err(snap_err)?;
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> StorageResult<()> {
         let _guard = self.snapshot_lock.lock().await;
-        let incoming = self.dir.join("incoming.db");
-        std::fs::write(&incoming, snapshot.into_inner()).map_err(snap_err)?;
-        let received = snapshot_meta(&incoming).map_err(snap_err)?;
-        if received.last_log_id != meta.last_log_id {
-            return Err(snap_err(other("received snapshot does not hold the state its metadata names")));
-        }
-        // Keep the snapshot durably first: if the copy below is lost to a crash, startup
-        // restores it from this file.
-        let kept = self.keep_snapshot(&incoming).map_err(snap_err)?;
+        snapshot.sync_all().await.map_err(snap_err)?;
+        drop(snapshot);
+        let (dir, expected) = (self.dir.clone(), meta.last_log_id);
+        let kept = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            let incoming = dir.join("incoming.db");
+            let received = snapshot_meta(&incoming).map_err(|e| std::io::Error::other(e.to_string()))?;
+            if received.last_log_id != expected {
+                return Err(other("received snapshot does not hold the state its metadata names"));
+            }
+            // Keep the snapshot durably first: if the copy into state.db is lost to a
+            // crash, startup restores it from this file.
+            keep_snapshot(&dir, &incoming)
+        })
+        .await
+        .map_err(snap_err)?
+        .map_err(snap_err)?;
         let path = self.snapshot_db();
         self.with_conn(move |conn, machine| copy_into(conn, &path, machine).map_err(sm_err)).await?;
+        if let Some(index) = kept.last_log_id.map(|l| l.index) {
+            self.installed.fetch_max(index, std::sync::atomic::Ordering::AcqRel);
+        }
         tracing::info!(last_log_id = ?kept.last_log_id, "installed snapshot");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
         let _guard = self.snapshot_lock.lock().await;
-        let path = self.snapshot_db();
-        if !path.exists() {
-            return Ok(None);
-        }
-        let meta = snapshot_meta(&path).map_err(snap_err)?;
-        let data = std::fs::read(&path).map_err(snap_err)?;
-        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+        self.open_snapshot().await
     }
 }
 
@@ -386,20 +421,24 @@ impl RaftSnapshotBuilder<TypeConfig> for StateStore {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let _guard = self.snapshot_lock.lock().await;
         let building = self.dir.join("building.db");
-        let _ = std::fs::remove_file(&building);
         let target = building.to_string_lossy().to_string();
         // VACUUM INTO reads one consistent state of the file, `quire_meta` included.
-        let source = self.dir.join("state.db");
+        let (source, stale) = (self.dir.join("state.db"), building.clone());
         tokio::task::spawn_blocking(move || -> rusqlite::Result<_> {
+            let _ = std::fs::remove_file(&stale);
             let conn = open(&source, false)?;
             conn.execute("VACUUM INTO ?1", [&target])
         })
         .await
         .map_err(snap_err)?
         .map_err(snap_err)?;
-        let meta = self.keep_snapshot(&building).map_err(snap_err)?;
-        let data = std::fs::read(self.snapshot_db()).map_err(snap_err)?;
-        tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "built snapshot");
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        let dir = self.dir.clone();
+        let meta = tokio::task::spawn_blocking(move || keep_snapshot(&dir, &building))
+            .await
+            .map_err(snap_err)?
+            .map_err(snap_err)?;
+        tracing::info!(last_log_id = ?meta.last_log_id, "built snapshot");
+        let file = tokio::fs::File::open(self.snapshot_db()).await.map_err(snap_err)?;
+        Ok(Snapshot { meta, snapshot: Box::new(file) })
     }
 }

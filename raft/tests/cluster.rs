@@ -255,8 +255,10 @@ async fn new_member_gets_snapshot_and_replaces_a_voter() {
     }
     let l = nodes.iter().position(|n| n.replica.is_leader()).unwrap_or(l);
     // The learner started from nothing: it can only have caught up through a snapshot.
-    wait_for("node 4 to install a snapshot", Duration::from_secs(10), || fresh.replica.metrics().snapshot.map(|_| ()))
-        .await;
+    wait_for("node 4 to install a snapshot from the leader", Duration::from_secs(10), || {
+        (fresh.replica.installed_snapshot.load(std::sync::atomic::Ordering::Acquire) > 0).then_some(())
+    })
+    .await;
     let voters = nodes.iter().map(|n| n.replica.id).chain([4]).collect();
     nodes[l].replica.change_voters(voters, false).await.unwrap();
     nodes.push(fresh);
@@ -336,4 +338,60 @@ async fn a_wiped_voter_returns_as_a_new_incarnation_and_takes_its_seat() {
         back.replica.replaces().is_empty().then_some(())
     })
     .await;
+}
+
+/// Every Raft RPC names its group and target node: a replica refuses one for another group
+/// (say an order RPC that reached a catalog replica), for another node (two ids at one
+/// address), or that claims to come from itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rpcs_for_another_group_or_node_or_from_itself_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(root.path()).await;
+    put(&nodes, "a", "1").await;
+    let target = &nodes[0];
+    let client = reqwest::Client::new();
+    let vote = |candidate: NodeId| json!({"vote": {"leader_id": {"term": 99, "node_id": candidate}, "committed": false}, "last_log_id": null});
+    let send = |group: &str, node: NodeId, body: Value| {
+        client
+            .post(format!("{}/raft/vote", target.url))
+            .header(quire_common::headers::TOKEN, TOKEN)
+            .header(quire_common::headers::GROUP, group)
+            .header(quire_common::headers::NODE, node)
+            .json(&body)
+            .send()
+    };
+    let refused = |r: reqwest::Response, code: &'static str| async move {
+        assert_eq!(r.status(), 409);
+        assert_eq!(r.json::<Value>().await.unwrap()["error"], code);
+    };
+    let me = target.replica.id;
+    refused(send("order", me, vote(2)).await.unwrap(), "wrong_group").await;
+    refused(send("kv", me + 1, vote(2)).await.unwrap(), "wrong_node").await;
+    refused(send("kv", me, vote(me)).await.unwrap(), "wrong_node").await;
+    // None of them disturbed the group: no vote was granted at term 99.
+    assert!(target.replica.metrics().current_term < 99);
+    put(&nodes, "b", "2").await;
+}
+
+/// A membership never holds two nodes at one address, and a learner is added only once the
+/// server at its address answers as that node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_ids_at_one_address_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(root.path()).await;
+    let leader = leader_of(&nodes.iter().collect::<Vec<_>>()).await;
+    let l = nodes.iter().position(|n| n.replica.id == leader).unwrap();
+    let other = &nodes[(l + 1) % 3];
+    let err = nodes[l].replica.add_learner(9, &other.url).await.unwrap_err();
+    assert_eq!(err.code, "address_taken", "{err}");
+    // Node 4 runs at its own address; adding it under another id is refused too.
+    let four = start_node(4, root.path().join("n4"), None).await;
+    let err = nodes[l].replica.add_learner(5, &four.url).await.unwrap_err();
+    assert_eq!(err.code, "unavailable", "{err}");
+    assert!(err.message.contains("node 4"), "{err}");
+    nodes[l].replica.add_learner(4, &four.url).await.unwrap();
+    // A group cannot be founded with two members at one address either.
+    let alone = start_node(7, root.path().join("n7"), None).await;
+    let twice: BTreeMap<NodeId, String> = [(7, alone.url.clone()), (8, alone.url.clone())].into();
+    assert!(alone.replica.initialize(&twice).await.is_err());
 }
