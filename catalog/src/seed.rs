@@ -49,7 +49,10 @@ struct Row {
 
 /// Reads and validates a catalog CSV; the error names the first bad line.
 pub fn from_csv(path: &Path) -> anyhow::Result<Vec<NewBook>> {
-    let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).from_path(path)?;
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_path(path)
+        .map_err(|e| anyhow::anyhow!("cannot read the catalog {}: {e}", path.display()))?;
     let mut books = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (i, row) in reader.deserialize::<Row>().enumerate() {

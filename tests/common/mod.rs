@@ -39,11 +39,18 @@ pub struct Options {
     pub books: Vec<(u64, i64)>,
     pub snapshot_every: u64,
     pub restock: bool,
+    /// Every server on an address of its own (partition tests, in a network namespace).
+    pub distinct_hosts: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { books: (1..=5).map(|id| (id, 400)).collect(), snapshot_every: 5000, restock: false }
+        Options {
+            books: (1..=5).map(|id| (id, 400)).collect(),
+            snapshot_every: 5000,
+            restock: false,
+            distinct_hosts: false,
+        }
     }
 }
 
@@ -87,6 +94,7 @@ impl TestStore {
         let mut opts = StoreOptions::new(dir.path().join("data"), env!("CARGO_BIN_EXE_quire"));
         opts.catalog_csv = Some(csv);
         opts.edge_port = 0;
+        opts.distinct_hosts = options.distinct_hosts;
         opts.restock_amount = if options.restock { 50 } else { 0 };
         opts.restock_delay = Duration::from_millis(300);
         let snapshot = ["--snapshot-every".to_string(), options.snapshot_every.to_string()];
@@ -118,6 +126,12 @@ impl TestStore {
 
     pub fn url(&self, name: &str) -> String {
         self.store.url(name).expect("server url")
+    }
+
+    /// The address server `name` listens on and connects from (with `distinct_hosts`).
+    pub fn host(&self, name: &str) -> String {
+        let url = self.url(name);
+        url.trim_start_matches("http://").rsplit_once(':').map(|(h, _)| h.to_string()).expect("host")
     }
 
     pub async fn status(&self, name: &str) -> Option<ServerStatus> {
@@ -160,7 +174,14 @@ impl TestStore {
     pub fn shoppers(&self, buyers: usize, readers: usize) -> Shoppers {
         let mut targets = vec![self.edge.clone()];
         targets.extend(self.store.names("frontend").iter().map(|n| self.url(n)));
-        Shoppers { targets, items: self.initial.keys().copied().collect(), topic: Some("t".into()), buyers, readers }
+        Shoppers {
+            targets,
+            items: self.initial.keys().copied().collect(),
+            topic: Some("t".into()),
+            buyers,
+            readers,
+            tolerate_unavailable: false,
+        }
     }
 
     /// The store as the invariant checks see it: every replica, live or not, by URL.
@@ -428,11 +449,21 @@ pub struct Shoppers {
     pub topic: Option<String>,
     pub buyers: usize,
     pub readers: usize,
+    /// Reads the store could not answer are recorded, not counted as violations (a
+    /// partition may cut a frontend off from every replica: availability is not owed).
+    pub tolerate_unavailable: bool,
 }
 
 impl Shoppers {
     pub fn new(edge: &str, items: Vec<u64>) -> Self {
-        Shoppers { targets: vec![edge.to_string()], items, topic: None, buyers: 4, readers: 4 }
+        Shoppers {
+            targets: vec![edge.to_string()],
+            items,
+            topic: None,
+            buyers: 4,
+            readers: 4,
+            tolerate_unavailable: false,
+        }
     }
 }
 
@@ -488,6 +519,7 @@ impl Shoppers {
         let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().expect("client");
         let targets = Arc::new(self.targets);
         let items = Arc::new(self.items);
+        let tolerate = self.tolerate_unavailable;
         let mut tasks = Vec::new();
         for b in 0..self.buyers {
             let (stop, recorder, client, targets, items, done) =
@@ -538,7 +570,7 @@ impl Shoppers {
                             .header(headers::DEADLINE, patient())
                             .send()
                             .await;
-                        let (outcome, problem) = read_outcome(classify(answer).await, true, |body| {
+                        let (outcome, problem) = read_outcome(classify(answer).await, !tolerate, |body| {
                             serde_json::from_value::<Order>(body).ok().map(Outcome::Order)
                         });
                         let call = Call::Order { order_id: r.order_id, item: r.item_id };
@@ -575,12 +607,13 @@ impl Shoppers {
                     let sent = recorder.now();
                     let answer =
                         client.get(format!("{target}{path}")).header(headers::DEADLINE, patient()).send().await;
-                    let (outcome, problem) = read_outcome(classify(answer).await, via_edge, |body| match call {
-                        Call::Lookup { .. } => body["stock"].as_i64().map(|stock| Outcome::Book { stock }),
-                        _ => body["items"]
-                            .as_array()
-                            .map(|a| Outcome::Listed(a.iter().filter_map(|i| i["id"].as_u64()).collect())),
-                    });
+                    let (outcome, problem) =
+                        read_outcome(classify(answer).await, via_edge && !tolerate, |body| match call {
+                            Call::Lookup { .. } => body["stock"].as_i64().map(|stock| Outcome::Book { stock }),
+                            _ => body["items"]
+                                .as_array()
+                                .map(|a| Outcome::Listed(a.iter().filter_map(|i| i["id"].as_u64()).collect())),
+                        });
                     {
                         let mut report = recorder.report.lock().expect("report");
                         report.reads += 1;
@@ -660,14 +693,11 @@ fn buy_outcome(answer: Answer) -> (Outcome, Option<String>) {
     }
 }
 
-/// A read's answer. Through the edge every read must be answered (`dropped` aside, which
-/// an emulated cloud may shed); a frontend read directly may be down itself (killed by the
-/// test), which no client of the store would see.
-fn read_outcome(
-    answer: Answer,
-    via_edge: bool,
-    parse: impl FnOnce(Value) -> Option<Outcome>,
-) -> (Outcome, Option<String>) {
+/// A read's answer. `owed`: an answer is owed (a read through the edge, unless the test
+/// tolerates unavailability: `dropped` aside, which an emulated cloud may shed). A frontend
+/// read directly may be down itself (killed by the test), which no client of the store
+/// would see.
+fn read_outcome(answer: Answer, owed: bool, parse: impl FnOnce(Value) -> Option<Outcome>) -> (Outcome, Option<String>) {
     match answer {
         Ok((200, body)) => match parse(body.clone()) {
             Some(outcome) => (outcome, None),
@@ -675,7 +705,10 @@ fn read_outcome(
         },
         Ok((404, body)) if body["error"] == "not_found" => (Outcome::NotFound, None),
         Ok((503, body)) if body["error"] == "dropped" => (Outcome::Refused("503 dropped".into()), None),
-        Err(e) if !via_edge => (Outcome::Refused(e), None),
+        Ok((status @ (503 | 504), body)) if !owed && has_message(&body) => {
+            (Outcome::Refused(format!("{status} {}", body["error"])), None)
+        }
+        Err(e) if !owed => (Outcome::Refused(e), None),
         Ok((status, body)) => (Outcome::Unknown(status.to_string()), Some(format!("failed: {status} {body}"))),
         Err(e) => (Outcome::Unknown(e.clone()), Some(format!("no answer: {e}"))),
     }
