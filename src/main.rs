@@ -72,7 +72,7 @@ struct UpArgs {
     /// Balancers per service tier (catalog, order); two means none is a single point of failure.
     #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     balancers: usize,
-    /// Server capacity: `cloud-sim` emulates the seeds' cloud (5 s boot, fixed work per
+    /// Server capacity: `cloud-sim` emulates a small cloud (5 s boot, fixed work per
     /// request, worker slots) so that autoscaling matters on one machine.
     #[arg(long, value_enum, default_value_t = Profile::Default)]
     profile: Profile,
@@ -133,7 +133,7 @@ struct Common {
     token: String,
     #[arg(long)]
     log_file: Option<PathBuf>,
-    /// `cloud-sim` emulates the seeds' cloud: 5 s boot, fixed work per request, worker slots.
+    /// `cloud-sim` emulates a small cloud: 5 s boot, fixed work per request, worker slots.
     #[arg(long, env = "QUIRE_PROFILE", value_enum, default_value_t = Profile::Default)]
     profile: Profile,
     /// Worker slots per server under `cloud-sim`.
@@ -151,7 +151,7 @@ struct Common {
 pub enum Profile {
     /// The machine's own: no boot delay, no emulated work, unlimited slots.
     Default,
-    /// The seeds' simulated cloud (ARCHITECTURE.md §7).
+    /// An emulated cloud (docs/ARCHITECTURE.md, "Capacity emulation").
     CloudSim,
 }
 
@@ -248,8 +248,8 @@ struct FrontendArgs {
     /// Edge balancers to register with.
     #[arg(long)]
     edge: Vec<String>,
-    /// Deadline of a lookup or search that carries none (`x-quire-deadline`): the seeds'
-    /// client patience. A client that will wait out a leader election (1.3-1.8 s here) says so.
+    /// Deadline of a lookup or search that carries none (`x-quire-deadline`): a shopper's
+    /// patience. A client that will wait out a leader election (1.3-1.8 s here) says so.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     browse_deadline: Duration,
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]

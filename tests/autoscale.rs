@@ -1,7 +1,7 @@
 //! The autoscaler end to end: `quire up --profile cloud-sim` under a step of load from
 //! `quire load` grows its tiers (new frontends, new catalog and order learners) and shrinks
 //! them back once the load is gone, draining and removing the learners from their groups,
-//! while every invariant of ARCHITECTURE.md §4 holds.
+//! while every invariant of docs/ARCHITECTURE.md holds.
 
 mod common;
 

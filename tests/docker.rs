@@ -2,7 +2,7 @@
 //! server in its own container on its own address, while shoppers use the published edge
 //! port. `docker kill`, `docker pause`, `docker network disconnect` (a follower; a leader
 //! cut off from its majority), and a replica replaced by a container with an empty volume.
-//! After the faults heal: every invariant of ARCHITECTURE.md §4, and converged digests.
+//! After the faults heal: every invariant of docs/ARCHITECTURE.md, a linearizable history, and converged digests.
 //!
 //! `containers_scale_out_and_in`: the autoscaler's Docker backend, driven from the host by a
 //! scripted policy, grows each tier by one container (a frontend that joins the edge, a

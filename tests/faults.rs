@@ -1,6 +1,7 @@
 //! Fault injection on a real store: kill -9, SIGSTOP/SIGCONT, wiped data directories and
 //! voter replacement, while shoppers buy and look up concurrently. After each fault heals,
-//! every invariant of ARCHITECTURE.md §4 is checked and replicas must converge.
+//! every invariant of docs/ARCHITECTURE.md is checked, the history must be linearizable and replicas
+//! must converge.
 
 mod common;
 

@@ -4,8 +4,8 @@
 //! # Layout
 //! - this file: the [`Policy`] trait, what it observes ([`Observation`], [`TierState`]) and
 //!   decides ([`Decision`]), the time budgets the tiers share, and [`by_name`].
-//! - [`queue`]: seed 000, queue too long twice → +2, three idle polls → −1, frontends by ratio.
-//! - [`rate`]: seed 001, servers from the arrival rate, factors 0.5 / 0.25, cool-down.
+//! - [`queue`]: queue too long twice → +2, three idle polls → −1, frontends by ratio.
+//! - [`rate`]: servers from the arrival rate, factors 0.5 / 0.25, cool-down.
 //! - [`hpa`]: Kubernetes' HorizontalPodAutoscaler formula, as a baseline.
 //! - [`staffing`]: the `default` policy, sized for each tier's wait budget from its demand
 //!   (fed forward from the frontends to catalog and order), the demand's steps and trend, and
@@ -103,7 +103,7 @@ impl TierState {
     }
 }
 
-/// A browse is on time within this (seed 001, ARCHITECTURE.md §7).
+/// A browse is on time within this (docs/ARCHITECTURE.md, "Capacity emulation").
 pub const BROWSE_DEADLINE: Duration = Duration::from_secs(1);
 /// A buy is on time within this.
 pub const BUY_DEADLINE: Duration = Duration::from_secs(2);

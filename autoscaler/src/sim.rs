@@ -1,5 +1,5 @@
 //! `quire simulate`: a discrete-event model of the store's tiers under `--profile cloud-sim`
-//! (ARCHITECTURE.md §7-§8), driven by the same [`Policy`] code as the live autoscaler and
+//! (docs/ARCHITECTURE.md, "Capacity emulation" and "quire load"), driven by the same [`Policy`] code as the live autoscaler and
 //! reported by the same [`Recorder`] as `quire load`, so that the two reports compare.
 //!
 //! # The model

@@ -51,7 +51,7 @@ use registry::Registry;
 use samples::Samples;
 pub use samples::SAMPLE_INTERVAL;
 
-/// The heartbeat period the architecture asks for (ARCHITECTURE.md §5).
+/// The heartbeat period the architecture asks for (docs/ARCHITECTURE.md, "Balancer").
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,8 +6,8 @@
 //! of a Raft tier go to the leader, following `not_leader` hints. A failed attempt is
 //! repeated elsewhere only when that cannot apply the request twice: it never left
 //! (connection refused), a replica refused it as not leader, it is a read, or it carries an
-//! idempotency key. Otherwise the client learns that the outcome is unknown (STYLE.md,
-//! habit 6) rather than risking a second execution. A backend's 503 `dropped` (it could not
+//! idempotency key. Otherwise the client learns that the outcome is unknown rather than
+//! risking a second execution. A backend's 503 `dropped` (it could not
 //! finish the request before its deadline) is passed on, never retried: no other backend
 //! could finish it either.
 //!

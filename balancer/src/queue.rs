@@ -1,4 +1,4 @@
-//! The tier's central queue: work waits here for a backend's worker slot (ARCHITECTURE.md §5).
+//! The tier's central queue: work waits here for a backend's worker slot (docs/ARCHITECTURE.md, "Balancer").
 //!
 //! *Work* is a request that occupies a slot of the backend serving it (see
 //! `proxy::is_work`). Every backend that reports `slots: Some(n)` takes at most `n` work

@@ -1,5 +1,5 @@
 //! The tier's samples: what this balancer saw of its work requests each second, for the
-//! autoscaler (ARCHITECTURE.md §5), `/status`, `GET /samples` and `/metrics`.
+//! autoscaler (docs/ARCHITECTURE.md, "Balancer"), `/status`, `GET /samples` and `/metrics`.
 //!
 //! Counters that only grow (arrivals, drops) are atomics read as differences at each tick;
 //! what a completed request brings (its latency and service time) goes into the current

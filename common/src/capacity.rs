@@ -1,4 +1,4 @@
-//! Capacity emulation: the seeds' simulated cloud (ARCHITECTURE.md §7), shared by the servers
+//! Capacity emulation: a small simulated cloud (docs/ARCHITECTURE.md, "Capacity emulation"), shared by the servers
 //! that emulate it under `--profile cloud-sim`, the simulator, the load generator's oracle
 //! and the autoscaler's policies, so that all of them agree on what a request costs.
 
@@ -35,7 +35,7 @@ pub struct Costs {
 pub const WRITES_PER_BUY: u32 = 3;
 
 impl Costs {
-    /// The seeds' cloud: 5 s boot, 60 ms front-end work, 200 ms app work, 50 ms DB read,
+    /// The simulated cloud: 5 s boot, 60 ms front-end work, 200 ms app work, 50 ms DB read,
     /// 200 ms DB write, one worker slot per server.
     pub const CLOUD_SIM: Costs = Costs {
         boot: Duration::from_secs(5),

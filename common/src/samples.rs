@@ -1,4 +1,4 @@
-//! Per-tier samples the balancers publish every second (ARCHITECTURE.md §5) and the fleet view
+//! Per-tier samples the balancers publish every second (docs/ARCHITECTURE.md, "Balancer") and the fleet view
 //! the autoscaler publishes; read by the autoscaler, `quire status` and `quire load`.
 
 use std::collections::BTreeMap;

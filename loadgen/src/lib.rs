@@ -1,5 +1,5 @@
 //! The load generator: simulated clients, load profiles, reports and charts
-//! (ARCHITECTURE.md §8).
+//! (docs/ARCHITECTURE.md, "quire load").
 //!
 //! # Layout
 //! - [`profile`]: load profiles (`c-20-30s,ramp-5-50-60s,...`) and their Poisson arrivals.

@@ -284,7 +284,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
         lookup_hit_ratio: args.hit_ratio,
         ..ClientModel::default()
     };
-    // The oracle prices work at the simulated cloud's costs (ARCHITECTURE.md §7), whatever the
+    // The oracle prices work at the simulated cloud's costs (docs/ARCHITECTURE.md, "Capacity emulation"), whatever the
     // store runs: it is the yardstick every run is compared with.
     let costs = Costs::CLOUD_SIM;
     let http = reqwest::Client::builder()

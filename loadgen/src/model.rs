@@ -8,7 +8,7 @@ use std::time::Duration;
 use quire_common::capacity::Costs;
 use serde::{Deserialize, Serialize};
 
-/// A client's behaviour (ARCHITECTURE.md §8).
+/// A client's behaviour (docs/ARCHITECTURE.md, "quire load").
 ///
 /// A client browses `min_browses..=max_browses` times (uniform), each browse a search with
 /// probability `search_share`, else a lookup; then, if every browse was on time, it buys with

@@ -1,4 +1,4 @@
-//! The buy workflow (ARCHITECTURE.md §4 "Buy"), run by the order leader:
+//! The buy workflow (docs/ARCHITECTURE.md, "Orders and the buy"), run by the order leader:
 //! record `pending(key)` → decrement the catalog once per key → settle the order.
 //! Every step is idempotent for the key, so any step may be repeated after a crash or a
 //! timeout, by the client's retry or by the recovery task.

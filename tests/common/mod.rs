@@ -1,6 +1,6 @@
 //! Harness for end-to-end tests: a real store of `quire` processes on loopback (through the
 //! same supervisor as `quire up`), a shopping workload that records everything the store
-//! acknowledged, and the invariant checks of ARCHITECTURE.md §4.
+//! acknowledged, and the invariant and history checks of docs/ARCHITECTURE.md.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -207,7 +207,7 @@ impl TestStore {
         self.probe().converge(tier, &urls).await;
     }
 
-    /// Checks every invariant of ARCHITECTURE.md §4 against what `work` saw acknowledged.
+    /// Checks every invariant of docs/ARCHITECTURE.md against what `work` saw acknowledged.
     pub async fn check_invariants(&self, work: &Report) {
         self.probe().check_invariants(work).await;
     }

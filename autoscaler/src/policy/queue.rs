@@ -1,4 +1,4 @@
-//! `queue`: seed 000's rules. Its middle tier scales on what its workers see when they poll the
+//! `queue`: a queue-length rule. Its middle tier scales on what its workers see when they poll the
 //! central queue; its front tier follows the middle tier by a fixed ratio.
 //!
 //! - "If it detects a too long queue for consecutive two times, we will launch two more

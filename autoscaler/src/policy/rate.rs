@@ -1,4 +1,4 @@
-//! `rate`: seed 001's rules. "My scaling decision is purely based on the arrival rate";
+//! `rate`: an arrival-rate rule. "My scaling decision is purely based on the arrival rate";
 //! "the factor to scale out the system is 0.5, while the factor to scale in the system is
 //! 0.25"; after a scale-out, "a cool-down period ... wait for all the servers to run, then
 //! the server can decrease".

@@ -1,6 +1,6 @@
 //! `default`: each tier staffed for its wait budget from where its demand is heading.
 //!
-//! The seeds' rules react to one symptom each (seed 000 to the queue, seed 001 to the rate)
+//! The other policies react to one symptom each (`queue` to the queue, `rate` to the rate)
 //! with margins fixed in servers, which is too little headroom for a large tier and too much
 //! for a small one, and they scale in on a single quiet sample. This policy sizes each tier
 //! every second in five steps:
@@ -39,7 +39,7 @@
 //!
 //! Scale-out is immediate when steps 1–5 ask for more than the tier has (booting servers
 //! included). Scale-in needs three things: nothing booting in the tier (a boot means the
-//! demand was rising a moment ago: seed 001's fake dip), no scale-out in the last 15 s, and
+//! demand was rising a moment ago: the rate rule's fake dip), no scale-out in the last 15 s, and
 //! the highest forecast of the last 15 s, sized for a tail ten times smaller (0.02 %), below
 //! the current count. The smaller tail is a dead band: a rate near the boundary between two
 //! sizes does not move the tier back and forth. The tier then goes to that size, removing at
