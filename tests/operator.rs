@@ -206,3 +206,36 @@ async fn a_restock_past_the_stock_bound_is_refused_and_the_group_goes_on() {
     assert_eq!(ledger["books"][0]["stock"], MAX_STOCK - 1);
     assert_eq!(ledger["books"][0]["restocked"], 5);
 }
+
+/// A learner whose server is gone but which is still a member (its removal failed, or an
+/// earlier run left it) is removed: `quire up` does it at start, the autoscaler every period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_learner_left_in_the_membership_is_removed() {
+    let t = TestStore::start(Options::default()).await;
+    let name = t.store.add_replica("catalog", 9).expect("add replica");
+    let leader = t.url(&t.leader("catalog").await);
+    let learners = || async {
+        let s = t.status(&t.leader("catalog").await).await?;
+        s.details["learners"].as_array().map(|l| l.iter().filter_map(Value::as_u64).collect::<Vec<_>>())
+    };
+    wait_for("catalog-9 to join as a learner", Duration::from_secs(30), || async {
+        let added = t
+            .client
+            .post(format!("{leader}/admin/learners"))
+            .header(headers::TOKEN, &t.token)
+            .json(&json!({ "id": 9, "url": t.url(&name) }))
+            .send()
+            .await
+            .ok()?;
+        added.status().is_success().then_some(())
+    })
+    .await;
+    assert_eq!(learners().await, Some(vec![9]));
+    // Its server goes, but the learner stays in the membership: a stray.
+    t.store.remove(&name, Duration::from_secs(3)).expect("remove");
+    quire::admin::remove_stray_learners(t.store.layout()).await;
+    wait_for("the stray learner to be removed", Duration::from_secs(20), || async {
+        learners().await.filter(|l| l.is_empty()).map(|_| ())
+    })
+    .await;
+}
