@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{wait_for, Probe, Up, Workload};
@@ -44,17 +44,22 @@ async fn cloud_sim_scales_out_under_a_step_and_back_in() {
         writeln!(file, "{id},Book {id},{topic},10.00,100000").expect("csv");
     }
     drop(file);
-    let child = Command::new(BIN)
-        .args(["up", "--profile", "cloud-sim", "--policy", "default", "--port", "0", "--max-servers", "6"])
-        .args(["--restock-amount", "0", "--catalog"])
-        .arg(&csv)
-        .arg("--data-dir")
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("quire up");
-    let _up = Up(child);
+    let csv_path = csv.to_string_lossy().to_string();
+    let _up = Up::start(
+        &data,
+        &[
+            "--profile",
+            "cloud-sim",
+            "--policy",
+            "default",
+            "--max-servers",
+            "6",
+            "--restock-amount",
+            "0",
+            "--catalog",
+            &csv_path,
+        ],
+    );
     let client = quire_common::client::http_client();
 
     let layout = wait_for("the store's layout with its autoscaler", Duration::from_secs(30), || async {

@@ -28,6 +28,16 @@ fn buy(client: usize, item: u64, key: &str, from: u64, to: u64, outcome: Outcome
     Op { client, call, sent: ms(from), answered: ms(to), outcome }
 }
 
+fn order_read(client: usize, order_id: u64, from: u64, to: u64, state: OrderState) -> Op {
+    let call = Call::Order { order_id, item: 1 };
+    Op { client, call, sent: ms(from), answered: ms(to), outcome: Outcome::Order(order(order_id, "a", state)) }
+}
+
+fn search(client: usize, from: u64, to: u64, listed: Vec<u64>) -> Op {
+    let call = Call::Search { path: "/search/t".into(), expected: vec![1] };
+    Op { client, call, sent: ms(from), answered: ms(to), outcome: Outcome::Listed(listed) }
+}
+
 fn sold(order_id: u64, item_id: u64, stock_left: i64) -> Outcome {
     Outcome::Receipt(Receipt { order_id, item_id, quantity: 1, price: 10.0, stock_left })
 }
@@ -57,20 +67,8 @@ fn concurrent_buys_reads_and_unknown_outcomes_are_linearizable() {
         lookup(2, 1, 40, 41, 8),
         // A buy refused with 503 that the catalog never sold is no write at all.
         buy(2, 1, "c", 42, 43, Outcome::Refused("503 unavailable".into())),
-        Op {
-            client: 0,
-            call: Call::Order { order_id: 100, item: 1 },
-            sent: ms(44),
-            answered: ms(45),
-            outcome: Outcome::Order(order(100, "a", OrderState::Confirmed)),
-        },
-        Op {
-            client: 3,
-            call: Call::Search { path: "/search/t".into(), expected: vec![1] },
-            sent: ms(44),
-            answered: ms(46),
-            outcome: Outcome::Listed(vec![1]),
-        },
+        order_read(0, 100, 44, 45, OrderState::Confirmed),
+        search(3, 44, 46, vec![1]),
     ];
     let verdict = check(&ops, &final_state(10, 8, &["a", "b"], 50), &[1]);
     assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
@@ -130,26 +128,11 @@ fn answers_that_no_order_explains_are_caught() {
     let v = check(&[], &final_state(10, 9, &["ghost"], 20), &[1]).violations;
     assert!(v.iter().any(|v| v.contains("which no client sent")), "{v:#?}");
     // An order read after its receipt that is not confirmed.
-    let ops = vec![
-        buy(0, 1, "a", 0, 10, sold(100, 1, 9)),
-        Op {
-            client: 0,
-            call: Call::Order { order_id: 100, item: 1 },
-            sent: ms(11),
-            answered: ms(12),
-            outcome: Outcome::Order(order(100, "a", OrderState::Pending)),
-        },
-    ];
+    let ops = vec![buy(0, 1, "a", 0, 10, sold(100, 1, 9)), order_read(0, 100, 11, 12, OrderState::Pending)];
     let v = check(&ops, &final_state(10, 9, &["a"], 20), &[1]).violations;
     assert!(v.iter().any(|v| v.contains("not linearizable")), "{v:#?}");
     // A search that lost a book.
-    let ops = vec![Op {
-        client: 0,
-        call: Call::Search { path: "/search/t".into(), expected: vec![1] },
-        sent: ms(1),
-        answered: ms(2),
-        outcome: Outcome::Listed(vec![]),
-    }];
+    let ops = vec![search(0, 1, 2, vec![])];
     assert!(!check(&ops, &final_state(10, 10, &[], 20), &[1]).violations.is_empty());
 }
 

@@ -36,18 +36,6 @@ async fn kill_and_restart(t: &TestStore, w: &Workload, name: &str) {
     eprintln!("{name} restarted and ready in {:?}", restarted.elapsed());
 }
 
-async fn finish(t: TestStore, w: Workload) {
-    w.progress(20, 5).await;
-    let report = w.finish().await;
-    eprintln!("workload: {}", report.summary());
-    assert!(!report.acked.is_empty(), "no buy succeeded at all");
-    for tier in ["catalog", "order"] {
-        let live = t.store.names(tier);
-        t.converge(tier, &live).await;
-    }
-    t.check_invariants(&report).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn catalog_follower_then_leader_killed() {
     let t = TestStore::start(Options::default()).await;
@@ -57,7 +45,7 @@ async fn catalog_follower_then_leader_killed() {
     kill_and_restart(&t, &w, &follower).await;
     let leader = t.leader("catalog").await;
     kill_and_restart(&t, &w, &leader).await;
-    finish(t, w).await;
+    t.finish(w).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -69,7 +57,7 @@ async fn order_leader_then_follower_killed() {
     kill_and_restart(&t, &w, &leader).await;
     let follower = t.followers("order").await.remove(0);
     kill_and_restart(&t, &w, &follower).await;
-    finish(t, w).await;
+    t.finish(w).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -84,7 +72,7 @@ async fn balancers_and_a_frontend_killed() {
     t.store.restart("catalog-balancer-1").expect("restart");
     t.store.restart("order-balancer-1").expect("restart");
     kill_and_restart(&t, &w, "frontend-1").await;
-    finish(t, w).await;
+    t.finish(w).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -112,12 +100,9 @@ async fn paused_leaders_resume_as_followers() {
         w.progress(30, 5).await;
         eprintln!("{tier} writes resumed {:?} after the pause", writes_resume(&w, paused).await);
         t.store.signal(&leader, Signal::SIGCONT).expect("cont");
-        wait_for(&format!("{leader} to rejoin as a follower"), Duration::from_secs(20), || async {
-            t.status(&leader).await.filter(|s| s.role == quire_common::status::Role::Follower && s.ready).map(|_| ())
-        })
-        .await;
+        t.rejoins_as_follower(&leader).await;
     }
-    finish(t, w).await;
+    t.finish(w).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -149,7 +134,7 @@ async fn replica_with_an_empty_data_dir_gets_a_snapshot() {
             "{victim} caught up without a snapshot from its leader: {status:?}"
         );
     }
-    finish(t, w).await;
+    t.finish(w).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -295,7 +280,7 @@ async fn steady_state_through_the_caches() {
     while began.elapsed() < Duration::from_secs(15) {
         w.progress(100, 20).await;
     }
-    finish(t, w).await;
+    t.finish(w).await;
 }
 
 /// A voter wiped and restarted, then the leader lost: the wiped voter comes back as a new
@@ -339,7 +324,7 @@ async fn wiped_voter_then_leader_lost() {
         (voters.len() == 3 && !voters.contains(&seat) && voters.iter().any(|v| v & 0xffff_ffff == seat)).then_some(())
     })
     .await;
-    finish(t, w).await;
+    t.finish(w).await;
 }
 
 /// A leader killed with -9 and started again at once: openraft brings it back leading the
@@ -358,5 +343,5 @@ async fn leaders_restarted_at_once() {
         let now = t.status(&t.leader(tier).await).await.map(|s| s.term);
         eprintln!("{leader} restarted at once: term {term:?} → {now:?}");
     }
-    finish(t, w).await;
+    t.finish(w).await;
 }

@@ -18,17 +18,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_quire");
 
 /// Runs `quire up` with `args` and waits for it to exit on its own (within a deadline).
 fn up_fails(data: &std::path::Path, args: &[&str]) -> (i32, String) {
-    let child = Command::new(BIN)
-        .args(["up", "--port", "0", "--data-dir"])
-        .arg(data)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("quire up");
-    let pid = child.id();
+    let mut up = Up::spawn(data, args, Stdio::piped());
+    let pid = up.0.id();
     let started = Instant::now();
-    let mut up = Up(child);
     let status = loop {
         if let Some(status) = up.0.try_wait().expect("wait") {
             break status;
@@ -96,14 +88,7 @@ async fn a_server_that_keeps_failing_at_start_stops_the_store_with_its_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("store");
     // A store that ran once and was stopped...
-    let child = Command::new(BIN)
-        .args(["up", "--port", "0", "--data-dir"])
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("quire up");
-    let up = Up(child);
+    let up = Up::start(&data, &[]);
     let layout = wait_for("the store to be laid out", Duration::from_secs(30), || async {
         Layout::load(&data).ok().filter(|l| l.servers.iter().all(|s| s.pid.is_some()))
     })

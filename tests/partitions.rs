@@ -97,17 +97,6 @@ fn shoppers(t: &TestStore) -> Workload {
     common::Shoppers { tolerate_unavailable: true, ..t.shoppers(4, 4) }.start()
 }
 
-async fn finish(t: TestStore, w: Workload) {
-    w.progress(20, 5).await;
-    let report = w.finish().await;
-    eprintln!("workload: {}", report.summary());
-    assert!(!report.acked.is_empty(), "no buy succeeded at all");
-    for tier in ["catalog", "order"] {
-        t.converge(tier, &t.store.names(tier)).await;
-    }
-    t.check_invariants(&report).await;
-}
-
 /// The leader of `tier` loses its majority: the others elect a new one and writes go on;
 /// the old leader, still running, can neither commit nor confirm a read or a lease. Healed,
 /// it rejoins as a follower.
@@ -133,11 +122,8 @@ async fn leader_cut_off_from_its_majority(tier: &str) {
     w.progress(30, 10).await;
     eprintln!("writes went on during the partition ({:?} after the cut)", cut.elapsed());
     wall.heal();
-    wait_for(&format!("{leader} to rejoin as a follower"), Duration::from_secs(30), || async {
-        t.status(&leader).await.filter(|s| s.role == Role::Follower && s.ready).map(|_| ())
-    })
-    .await;
-    finish(t, w).await;
+    t.rejoins_as_follower(&leader).await;
+    t.finish(w).await;
 }
 
 #[test]
@@ -188,7 +174,7 @@ fn a_frontend_cut_off_from_the_catalog() {
         wall.heal();
         wait_for("frontend-1's lease to run again", Duration::from_secs(30), || lease(true)).await;
         w.progress(100, 5).await;
-        finish(t, w).await;
+        t.finish(w).await;
     });
 }
 
@@ -213,11 +199,8 @@ fn a_catalog_leader_cut_off_from_everyone() {
         w.progress(30, 10).await;
         eprintln!("{leader} cut off from everyone: writes went on {:?} after the cut", cut.elapsed());
         wall.heal();
-        wait_for(&format!("{leader} to rejoin as a follower"), Duration::from_secs(30), || async {
-            t.status(&leader).await.filter(|s| s.role == Role::Follower && s.ready).map(|_| ())
-        })
-        .await;
-        finish(t, w).await;
+        t.rejoins_as_follower(&leader).await;
+        t.finish(w).await;
     });
 }
 

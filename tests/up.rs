@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::{wait_for, Up};
@@ -28,14 +28,7 @@ fn alive(pid: u32) -> bool {
 async fn up_status_restart_and_clean_stop() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("store");
-    let child = Command::new(BIN)
-        .args(["up", "--port", "0", "--data-dir"])
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("quire up");
-    let mut up = Up(child);
+    let mut up = Up::start(&data, &[]);
 
     // Every server listed, healthy, with one leader per group.
     let rows = wait_for("every server to be ready", Duration::from_secs(60), || async {

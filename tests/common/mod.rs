@@ -58,6 +58,26 @@ impl Default for Options {
 /// signal, every server it runs), even when the test fails midway.
 pub struct Up(pub std::process::Child);
 
+impl Up {
+    /// Runs `quire up --port 0 --data-dir DATA ARGS`, its output discarded.
+    pub fn start(data: &std::path::Path, args: &[&str]) -> Up {
+        Up::spawn(data, args, std::process::Stdio::null())
+    }
+
+    /// The same, with its stderr piped to the test.
+    pub fn spawn(data: &std::path::Path, args: &[&str], stderr: std::process::Stdio) -> Up {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_quire"))
+            .args(["up", "--port", "0", "--data-dir"])
+            .arg(data)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("quire up");
+        Up(child)
+    }
+}
+
 impl Drop for Up {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -210,6 +230,27 @@ impl TestStore {
     /// Checks every invariant of docs/ARCHITECTURE.md against what `work` saw acknowledged.
     pub async fn check_invariants(&self, work: &Report) {
         self.probe().check_invariants(work).await;
+    }
+
+    /// The end of a fault test: a little more work once the faults healed, then every
+    /// replica of both groups converged and every check passed.
+    pub async fn finish(self, w: Workload) {
+        w.progress(20, 5).await;
+        let report = w.finish().await;
+        eprintln!("workload: {}", report.summary());
+        assert!(!report.acked.is_empty(), "no buy succeeded at all");
+        for tier in ["catalog", "order"] {
+            self.converge(tier, &self.store.names(tier)).await;
+        }
+        self.check_invariants(&report).await;
+    }
+
+    /// Waits until `name` is a ready follower again.
+    pub async fn rejoins_as_follower(&self, name: &str) {
+        wait_for(&format!("{name} to rejoin as a follower"), Duration::from_secs(30), || async {
+            self.status(name).await.filter(|s| s.role == Role::Follower && s.ready).map(|_| ())
+        })
+        .await;
     }
 }
 
