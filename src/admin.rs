@@ -87,7 +87,8 @@ async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
 /// Removes from each group of the store the learners no server of `layout` holds the seat
 /// of: those an earlier run's autoscaler launched (a new run does not start them again) or
 /// failed to remove. A learner of a seat the layout holds is kept (a new incarnation taking
-/// a voter's place).
+/// a voter's place), and so is one of a seat the layout has not handed out yet (a server
+/// this run is launching).
 pub async fn remove_stray_learners(layout: crate::supervisor::Layout) {
     let client = quire_common::client::http_client();
     for tier in ["catalog", "order"] {
@@ -104,7 +105,11 @@ pub async fn remove_stray_learners(layout: crate::supervisor::Layout) {
             }
         }
         let learners = learners.into_iter().flatten().filter_map(|id| id.as_u64());
-        let strays: BTreeSet<NodeId> = quire_common::node::strays(learners, &seats).into_iter().collect();
+        // A seat from `next_serial` on may be a server this run is launching right now.
+        let strays: BTreeSet<NodeId> = quire_common::node::strays(learners, &seats)
+            .into_iter()
+            .filter(|id| quire_raft::seat(*id) < layout.next_serial)
+            .collect();
         if strays.is_empty() {
             continue;
         }

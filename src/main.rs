@@ -547,7 +547,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let shutdown = quire_common::shutdown::signal();
     tokio::pin!(shutdown);
     let mut announced = false;
-    let mut keeper = quire::supervisor::Keeper::new(&store, RESTART_DELAY);
+    let mut keeper = quire::supervisor::Keeper::new(RESTART_DELAY);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let outcome = loop {
         tokio::select! {
@@ -571,10 +571,10 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             }
         }
         let mut gave_up = None;
-        for (name, status) in store.reap_exited() {
-            tracing::warn!(server = %name, %status, "server exited");
+        for exited in store.reap_exited() {
+            tracing::warn!(server = %exited.name, status = %exited.status, ran = ?exited.ran, "server exited");
             if !args.no_restart {
-                if let Err(e) = keeper.exited(&store, &name) {
+                if let Err(e) = keeper.exited(&store, &exited) {
                     gave_up = Some(e);
                 }
             }

@@ -98,6 +98,10 @@ impl Server {
     fn port(&self) -> Option<u16> {
         self.url.rsplit(':').next()?.parse().ok()
     }
+
+    fn host(&self) -> Option<String> {
+        Some(self.url.trim_start_matches("http://").rsplit_once(':')?.0.to_string())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -158,6 +162,9 @@ impl Layout {
 /// take it in between.
 struct Ports {
     taken: std::collections::BTreeSet<(String, u16)>,
+    /// Ports of the earlier layout: never handed to a new server, since a server of the
+    /// earlier run may still hold one (or come back to it).
+    reserved: std::collections::BTreeSet<(String, u16)>,
     held: HashMap<String, std::net::TcpListener>,
 }
 
@@ -170,7 +177,8 @@ impl Ports {
         let mut rng = rand::thread_rng();
         for _ in 0..200 {
             let port = rng.gen_range(20_000..32_000);
-            if self.taken.contains(&(host.to_string(), port)) {
+            let key = (host.to_string(), port);
+            if self.taken.contains(&key) || self.reserved.contains(&key) {
                 continue;
             }
             if let Ok(listener) = std::net::TcpListener::bind((host, port)) {
@@ -210,7 +218,8 @@ fn random_token() -> String {
 /// and holds every new port until its server is started.
 fn plan(opts: &StoreOptions) -> anyhow::Result<(Layout, HashMap<String, std::net::TcpListener>)> {
     let old = Layout::load(&opts.data_dir).ok();
-    let mut ports = Ports { taken: Default::default(), held: HashMap::new() };
+    let reserved = old.iter().flat_map(|l| &l.servers).filter_map(|s| Some((s.host()?, s.port()?))).collect();
+    let mut ports = Ports { taken: Default::default(), reserved, held: HashMap::new() };
     let mut owner: HashMap<(String, u16), String> = HashMap::new();
     // The host of every server: 127.0.0.1, or one address each.
     let mut hosts: HashMap<String, String> = HashMap::new();
@@ -364,13 +373,23 @@ pub struct Store {
     binary: PathBuf,
     verbose: bool,
     layout: Mutex<Layout>,
-    children: Mutex<HashMap<String, Child>>,
+    children: Mutex<HashMap<String, Running>>,
     /// Listening sockets bound for servers not started yet (see [`Store::spawn`]).
     listeners: Mutex<HashMap<String, std::net::TcpListener>>,
 }
 
-/// The descriptor at which a server finds the listening socket its supervisor bound for it.
-pub const LISTEN_FD: i32 = 3;
+/// A started child and when it was started.
+struct Running {
+    child: Child,
+    since: std::time::Instant,
+}
+
+/// A child that exited: how, and after how long.
+pub struct Exited {
+    pub name: String,
+    pub status: ExitStatus,
+    pub ran: Duration,
+}
 
 /// Refuses what would start a store that cannot work, before any server starts: a catalog
 /// that does not load (the error names the file, the line and the reason), no frontend,
@@ -444,7 +463,7 @@ impl Store {
 
     /// Starts `name` (which must not be running). Its listening socket is bound here (or
     /// was, when its port was chosen) and handed to the child as descriptor
-    /// [`LISTEN_FD`]: the port is never free for another process to take in between. Its
+    /// the descriptor named by `QUIRE_LISTEN_FD`: the port is never free for another process to take in between. Its
     /// stderr goes to its log file (and to ours with `verbose`).
     pub fn spawn(&self, name: &str) -> anyhow::Result<u32> {
         let mut layout = self.layout.lock().unwrap_or_else(|e| e.into_inner());
@@ -466,7 +485,7 @@ impl Store {
         // glibc gives each thread that allocates its own arena, which keeps freed pages; two
         // arenas (one per core here) hold memory flat without making threads contend.
         command.env("MALLOC_ARENA_MAX", "2");
-        command.env("QUIRE_TOKEN", &token).env("QUIRE_LISTEN_FD", LISTEN_FD.to_string());
+        command.env("QUIRE_TOKEN", &token);
         command.stdin(Stdio::null()).stdout(Stdio::null());
         if self.verbose {
             command.arg("--log-file").arg(&log).stderr(Stdio::inherit());
@@ -483,8 +502,10 @@ impl Store {
         server.pid = Some(pid);
         server.started = true;
         layout.save(&self.dir)?;
+        // Recorded as a child before the layout is let go: whoever sees the pid finds the child.
+        let running = Running { child, since: std::time::Instant::now() };
+        self.children.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), running);
         drop(layout);
-        self.children.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), child);
         Ok(pid)
     }
 
@@ -503,7 +524,9 @@ impl Store {
         let pid = self.pid(name).with_context(|| format!("{name} has no pid"))?;
         kill(Pid::from_raw(pid as i32), signal)?;
         if signal == Signal::SIGKILL {
-            if let Some(mut child) = self.children.lock().unwrap_or_else(|e| e.into_inner()).remove(name) {
+            if let Some(Running { mut child, .. }) =
+                self.children.lock().unwrap_or_else(|e| e.into_inner()).remove(name)
+            {
                 let _ = child.wait();
             }
         }
@@ -517,7 +540,7 @@ impl Store {
 
     /// Starts `name` again with the same ports and data (after it died or was killed).
     pub fn restart(&self, name: &str) -> anyhow::Result<u32> {
-        if let Some(mut child) = self.children.lock().unwrap_or_else(|e| e.into_inner()).remove(name) {
+        if let Some(Running { mut child, .. }) = self.children.lock().unwrap_or_else(|e| e.into_inner()).remove(name) {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -565,6 +588,7 @@ impl Store {
             let host = template.listen().rsplit_once(':').map_or("127.0.0.1", |(h, _)| h).to_string();
             let mut ports = Ports {
                 taken: layout.servers.iter().filter_map(|s| Some((host.clone(), s.port()?))).collect(),
+                reserved: Default::default(),
                 held: HashMap::new(),
             };
             let url = format!("http://{host}:{}", ports.pick(name, &host)?);
@@ -600,6 +624,10 @@ impl Store {
                 started: true,
                 data_dir: data,
             };
+            if let Some(id) = id {
+                // A seat given by hand is never handed out again.
+                layout.next_serial = layout.next_serial.max(quire_common::node::seat(id) + 1);
+            }
             layout.servers.push(server.clone());
             layout.save(&self.dir)?;
             server
@@ -611,8 +639,16 @@ impl Store {
     /// Stops `name` for good: SIGTERM, SIGKILL after `grace`, then forgets it and deletes
     /// its data. Not restarted: it is no longer a child.
     pub fn remove(&self, name: &str, grace: Duration) -> anyhow::Result<()> {
-        let child = self.children.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
-        if let Some(mut child) = child {
+        // Out of the layout first (and out of the children with it), so that nothing
+        // restarts it while it stops.
+        let (server, child) = {
+            let mut layout = self.layout.lock().unwrap_or_else(|e| e.into_inner());
+            let server = layout.get(name).cloned();
+            layout.servers.retain(|s| s.name != name);
+            layout.save(&self.dir)?;
+            (server, self.children.lock().unwrap_or_else(|e| e.into_inner()).remove(name))
+        };
+        if let Some(Running { mut child, .. }) = child {
             let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
             let deadline = std::time::Instant::now() + grace;
             while !matches!(child.try_wait(), Ok(Some(_))) {
@@ -624,13 +660,6 @@ impl Store {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        let server = {
-            let mut layout = self.layout.lock().unwrap_or_else(|e| e.into_inner());
-            let server = layout.get(name).cloned();
-            layout.servers.retain(|s| s.name != name);
-            layout.save(&self.dir)?;
-            server
-        };
         if let Some(dir) = server.and_then(|s| s.data_dir).filter(|d| d.exists()) {
             std::fs::remove_dir_all(dir)?;
         }
@@ -644,13 +673,13 @@ impl Store {
         layout.save(&self.dir)
     }
 
-    /// Children that exited since the last call, with their status.
-    pub fn reap_exited(&self) -> Vec<(String, ExitStatus)> {
+    /// Children that exited since the last call.
+    pub fn reap_exited(&self) -> Vec<Exited> {
         let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
         let mut exited = Vec::new();
-        children.retain(|name, child| match child.try_wait() {
+        children.retain(|name, running| match running.child.try_wait() {
             Ok(Some(status)) => {
-                exited.push((name.clone(), status));
+                exited.push(Exited { name: name.clone(), status, ran: running.since.elapsed() });
                 false
             }
             _ => true,
@@ -661,18 +690,18 @@ impl Store {
     /// SIGTERM every child, wait up to `grace`, then SIGKILL what is left.
     pub fn stop(&self, grace: Duration) {
         let mut children = std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
-        for child in children.values() {
+        for Running { child, .. } in children.values() {
             let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
         }
         let deadline = std::time::Instant::now() + grace;
         while std::time::Instant::now() < deadline {
-            children.retain(|_, c| !matches!(c.try_wait(), Ok(Some(_))));
+            children.retain(|_, r| !matches!(r.child.try_wait(), Ok(Some(_))));
             if children.is_empty() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        for (name, mut child) in children {
+        for (name, Running { mut child, .. }) in children {
             tracing::warn!(server = %name, "did not stop in time; killing");
             let _ = child.kill();
             let _ = child.wait();
@@ -682,29 +711,27 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        for (_, mut child) in self.children.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+        for (_, Running { mut child, .. }) in self.children.lock().unwrap_or_else(|e| e.into_inner()).drain() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 }
 
-/// Gives the child `listener` as descriptor [`LISTEN_FD`] (std opens every descriptor
-/// close-on-exec, so the child inherits this one alone).
+/// Gives the child `listener` at the descriptor it has here, named in `QUIRE_LISTEN_FD`
+/// (std opens every descriptor close-on-exec, so the child inherits this one alone).
 #[allow(unsafe_code)]
 fn hand_over(command: &mut Command, listener: &std::net::TcpListener) {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let fd = listener.as_raw_fd();
+    command.env("QUIRE_LISTEN_FD", fd.to_string());
     // SAFETY: the closure runs in the forked child before exec and only makes the
-    // async-signal-safe dup2(2) and fcntl(2) system calls.
+    // async-signal-safe fcntl(2) system call, on a descriptor std leaves alone (it only
+    // moves the child's standard streams, 0 to 2).
     unsafe {
         command.pre_exec(move || {
-            if fd == LISTEN_FD {
-                nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
-            } else {
-                nix::unistd::dup2(fd, LISTEN_FD)?;
-            }
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
             Ok(())
         });
     }
@@ -735,7 +762,6 @@ pub struct Keeper {
     window: Duration,
     /// Failed starts in a row after which the keeper gives up.
     limit: u32,
-    started: HashMap<String, std::time::Instant>,
     failed: HashMap<String, u32>,
     due: Vec<(String, std::time::Instant)>,
 }
@@ -756,16 +782,17 @@ pub struct GaveUp {
 }
 
 impl Keeper {
-    pub fn new(store: &Store, delay: Duration) -> Keeper {
-        let now = std::time::Instant::now();
-        let started = store.layout().servers.into_iter().map(|s| (s.name, now)).collect();
-        Keeper { delay, window: Duration::from_secs(10), limit: 3, started, failed: HashMap::new(), due: Vec::new() }
+    pub fn new(delay: Duration) -> Keeper {
+        Keeper { delay, window: Duration::from_secs(10), limit: 3, failed: HashMap::new(), due: Vec::new() }
     }
 
-    /// `name` exited: schedules its restart, unless it has now failed at start too often.
-    pub fn exited(&mut self, store: &Store, name: &str) -> Result<(), GaveUp> {
-        let quick = self.started.get(name).is_none_or(|at| at.elapsed() < self.window);
-        self.failure(store, name, quick)
+    /// A server exited: schedules its restart, unless it has now failed at start too often
+    /// (or is no longer in the layout: removed on purpose).
+    pub fn exited(&mut self, store: &Store, exited: &Exited) -> Result<(), GaveUp> {
+        if store.layout().get(&exited.name).is_none() {
+            return Ok(());
+        }
+        self.failure(store, &exited.name, exited.ran < self.window)
     }
 
     /// Restarts the servers whose delay is over.
@@ -774,11 +801,11 @@ impl Keeper {
         let due: Vec<String> = self.due.iter().filter(|(_, at)| *at <= now).map(|(n, _)| n.clone()).collect();
         self.due.retain(|(_, at)| *at > now);
         for name in due {
+            if store.layout().get(&name).is_none() {
+                continue;
+            }
             match store.restart(&name) {
-                Ok(pid) => {
-                    tracing::info!(server = %name, pid, "restarted");
-                    self.started.insert(name, std::time::Instant::now());
-                }
+                Ok(pid) => tracing::info!(server = %name, pid, "restarted"),
                 Err(e) => {
                     tracing::error!(server = %name, error = %e, "cannot restart");
                     self.failure(store, &name, true)?;

@@ -86,7 +86,13 @@ struct State {
     pending: BTreeMap<TierKind, u32>,
     seconds: BTreeMap<TierKind, f64>,
     status: FleetStatus,
+    /// Learners no tracked server holds the seat of, and since when: one is removed only
+    /// once it has been a stray for `STRAY_GRACE` (a launch may be adding it right now).
+    strays: BTreeMap<(TierKind, u64), Instant>,
 }
+
+/// How long a learner must stay a stray before it is removed.
+const STRAY_GRACE: Duration = Duration::from_secs(30);
 
 /// The running autoscaler: its state is shared with the launch and drain tasks and with
 /// the `/status` route.
@@ -252,7 +258,8 @@ impl<B: Backend> Autoscaler<B> {
 
     /// Removes from each group the learners no server of the fleet holds the seat of: one
     /// whose removal failed when it was retired, or one left by an earlier run. A learner
-    /// of a tracked seat (a new incarnation taking a voter's place) is the fleet's own.
+    /// of a tracked seat (a new incarnation taking a voter's place) is the fleet's own; one
+    /// is left alone until it has been a stray for `STRAY_GRACE`.
     async fn remove_strays(&self, probes: &[(String, Option<ServerStatus>)]) {
         for tier in [TierKind::Catalog, TierKind::Order] {
             let names: Vec<String> = {
@@ -273,7 +280,16 @@ impl<B: Backend> Autoscaler<B> {
                 tracked.filter_map(|t| t.server.node_id.map(seat)).collect()
             };
             let learners = leader.details["learners"].as_array().into_iter().flatten().filter_map(|id| id.as_u64());
-            let strays = quire_common::node::strays(learners, &seats);
+            let now = Instant::now();
+            let strays: Vec<u64> = {
+                let mut state = self.state();
+                let seen = quire_common::node::strays(learners, &seats);
+                state.strays.retain(|(t, id), _| *t != tier || seen.contains(id));
+                for id in &seen {
+                    state.strays.entry((tier, *id)).or_insert(now);
+                }
+                seen.into_iter().filter(|id| now.duration_since(state.strays[&(tier, *id)]) >= STRAY_GRACE).collect()
+            };
             if strays.is_empty() {
                 continue;
             }

@@ -15,7 +15,12 @@
 //! - a server that has never run (`--first-start`, which only a supervisor can know) takes
 //!   its seat's id as is: it promised nothing;
 //! - while no member has a group, the founding voters (`--init`) found one, once every one
-//!   of them has answered that it has none.
+//!   of them has answered that it has none, or only the founding entry and no elected
+//!   leader (a founder that stopped before founding, or was wiped then, founds with the
+//!   same entry as the others);
+//! - a group of one founds itself;
+//! - answers of another group count for nothing, and a member with a log it has not
+//!   loaded yet does not answer.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -31,13 +36,21 @@ use crate::{incarnation, seat, NodeId};
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct GroupView {
     pub group: String,
-    /// False while the member has no group yet (or is itself still deciding who it is).
+    /// False while the member has no group yet (or, with an empty data directory, is still
+    /// deciding who it is). A member with a log that has not loaded it yet does not answer.
     pub initialized: bool,
     pub node_id: Option<NodeId>,
     pub leader: Option<NodeId>,
     pub leader_url: Option<String>,
     pub voters: BTreeMap<NodeId, String>,
     pub learners: BTreeMap<NodeId, String>,
+    /// The member's last log index (`None`: an empty log; 0: the founding entry alone).
+    #[serde(default)]
+    pub last_log_index: Option<u64>,
+    /// Whether the member's vote is for an elected leader: once any is, the group has had
+    /// a leader, and its founding is over.
+    #[serde(default)]
+    pub vote_committed: bool,
 }
 
 impl GroupView {
@@ -48,6 +61,11 @@ impl GroupView {
     /// Members that are incarnations of `seat`.
     pub fn incarnations_of(&self, of: u64) -> Vec<NodeId> {
         self.members().map(|(id, _)| *id).filter(|id| seat(*id) == of).collect()
+    }
+
+    /// Founded with `init` and nothing more: no entry past the founding one, no leader ever.
+    fn only_founded(&self, init: &BTreeMap<NodeId, String>) -> bool {
+        self.last_log_index.unwrap_or(0) == 0 && !self.vote_committed && self.voters.keys().eq(init.keys())
     }
 }
 
@@ -87,8 +105,16 @@ pub async fn decide(start: &Start<'_>) -> Decision {
     urls.sort();
     urls.dedup();
     if urls.is_empty() {
-        tracing::warn!(seat = start.seat, "no member to ask: starting as node {} and waiting to be added", start.seat);
-        return Decision { id: start.seat, found: None, replaces: vec![] };
+        // A group of one founds itself; anything else waits to be added.
+        let found = start.init.filter(|init| init.keys().eq([start.seat].iter())).cloned();
+        if found.is_none() {
+            tracing::warn!(
+                seat = start.seat,
+                "no member to ask: starting as node {} and waiting to be added",
+                start.seat
+            );
+        }
+        return Decision { id: start.seat, found, replaces: vec![] };
     }
     let began = Instant::now();
     let mut last_word = Instant::now();
@@ -109,24 +135,33 @@ pub async fn decide(start: &Start<'_>) -> Decision {
 
 /// The decision the answers allow, if any.
 async fn settle(start: &Start<'_>, urls: &[&str], views: &[Option<GroupView>]) -> Option<Decision> {
-    let initialized: Vec<&GroupView> = views.iter().flatten().filter(|v| v.initialized).collect();
-    if initialized.is_empty() {
-        // Nobody has a group: the founding voters found one once all of them have said so.
-        let init = start.init.filter(|init| init.contains_key(&start.seat))?;
-        let all_answered = urls.len() == views.iter().flatten().count();
-        return all_answered.then(|| Decision { id: start.seat, found: Some(init.clone()), replaces: vec![] });
+    // An answer of another group is no answer.
+    let answered: Vec<&GroupView> = views.iter().flatten().filter(|v| v.group == start.group).collect();
+    let initialized: Vec<&GroupView> = answered.iter().copied().filter(|v| v.initialized).collect();
+    if let Some(init) = start.init.filter(|init| init.contains_key(&start.seat)) {
+        // Every founder answered, and nobody has more than the founding entry (a founder
+        // that started late may have founded already, alone: found with it, the same entry).
+        if answered.len() == urls.len() && initialized.iter().all(|v| v.only_founded(init)) {
+            return Some(Decision { id: start.seat, found: Some(init.clone()), replaces: vec![] });
+        }
     }
-    // The leader's view is the newest membership (it holds the entries it has proposed).
+    if initialized.is_empty() {
+        return None;
+    }
+    // The leader's view is the newest membership (it holds the entries it has proposed);
+    // the incarnations seen anywhere are counted too, so a stale view cannot hand out an
+    // incarnation number that is in use.
     let leader_url = initialized.iter().find_map(|v| v.leader_url.clone())?;
-    let view = match initialized.iter().find(|v| v.node_id.is_some() && v.node_id == v.leader) {
+    let leader = match initialized.iter().find(|v| v.node_id.is_some() && v.node_id == v.leader) {
         Some(view) => (*view).clone(),
-        None => view_of(start, &leader_url).await?,
+        None => view_of(start, &leader_url).await.filter(|v| v.group == start.group)?,
     };
-    let mine = view.incarnations_of(start.seat);
+    let mine = leader.incarnations_of(start.seat);
     if mine.is_empty() || (start.first_start && mine == [start.seat]) {
         return Some(Decision { id: start.seat, found: None, replaces: vec![] });
     }
-    let next = mine.iter().map(|id| incarnation(*id)).max().unwrap_or(0) + 1;
+    let seen = initialized.iter().flat_map(|v| v.incarnations_of(start.seat)).chain(mine.iter().copied());
+    let next = seen.map(incarnation).max().unwrap_or(0) + 1;
     Some(Decision { id: (next << 32) | start.seat, found: None, replaces: mine })
 }
 
@@ -152,4 +187,86 @@ async fn view_of(start: &Start<'_>, url: &str) -> Option<GroupView> {
 pub fn same_address(a: &str, b: &str) -> bool {
     let norm = |u: &str| u.trim().trim_end_matches('/').to_ascii_lowercase();
     norm(a) == norm(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const URLS: [&str; 3] = ["http://a:1", "http://b:2", "http://c:3"];
+
+    fn founders() -> BTreeMap<NodeId, String> {
+        URLS.iter().enumerate().map(|(i, u)| (i as u64 + 1, u.to_string())).collect()
+    }
+
+    /// What founder `id` answers: founded (only the founding entry, or `last` more), or not.
+    fn view(id: NodeId, founded: Option<u64>, leader: Option<NodeId>) -> GroupView {
+        let init = founders();
+        GroupView {
+            group: "catalog-x".into(),
+            initialized: founded.is_some(),
+            node_id: Some(id),
+            leader,
+            leader_url: leader.map(|l| init[&l].clone()),
+            voters: if founded.is_some() { init } else { BTreeMap::new() },
+            learners: BTreeMap::new(),
+            last_log_index: founded,
+            vote_committed: leader.is_some(),
+        }
+    }
+
+    async fn settle_as(seat: u64, views: &[Option<GroupView>]) -> Option<Decision> {
+        let (client, init) = (reqwest::Client::new(), founders());
+        let start = Start {
+            client: &client,
+            token: "t",
+            group: "catalog-x",
+            seat,
+            first_start: false,
+            init: Some(&init),
+            peers: &[],
+            advertise: URLS[seat as usize - 1],
+        };
+        let urls: Vec<&str> = URLS.iter().copied().filter(|u| *u != start.advertise).collect();
+        settle(&start, &urls, views).await
+    }
+
+    #[tokio::test]
+    async fn founders_found_once_every_one_has_answered() {
+        assert_eq!(settle_as(1, &[Some(view(2, None, None)), None]).await, None);
+        let found = settle_as(1, &[Some(view(2, None, None)), Some(view(3, None, None))]).await;
+        assert_eq!(found, Some(Decision { id: 1, found: Some(founders()), replaces: vec![] }));
+    }
+
+    #[tokio::test]
+    async fn a_late_founder_founds_with_those_that_founded_alone() {
+        // The others founded already (the same founding entry), and nothing happened since.
+        let views = [Some(view(2, Some(0), None)), Some(view(3, None, None))];
+        let found = settle_as(1, &views).await.expect("a decision");
+        assert_eq!(found.found, Some(founders()));
+        // Once a leader was elected, the founding is over: a wiped founder is a new
+        // incarnation of its seat.
+        let views = [Some(view(2, Some(4), Some(2))), Some(view(3, Some(4), Some(2)))];
+        let joined = settle_as(1, &views).await.expect("a decision");
+        assert_eq!(joined, Decision { id: (1 << 32) | 1, found: None, replaces: vec![1] });
+    }
+
+    #[tokio::test]
+    async fn answers_of_another_group_count_for_nothing() {
+        let other = GroupView { group: "order-x".into(), ..view(2, None, None) };
+        assert_eq!(settle_as(1, &[Some(other), Some(view(3, None, None))]).await, None);
+    }
+
+    #[tokio::test]
+    async fn an_incarnation_number_seen_anywhere_is_not_handed_out_again() {
+        // The leader's view lacks incarnation 2 of seat 1, which a follower saw.
+        let mut leader = view(2, Some(9), Some(2));
+        leader.voters.remove(&1);
+        leader.voters.insert((1 << 32) | 1, URLS[0].into());
+        let mut follower = view(3, Some(9), Some(2));
+        follower.learners.insert((2 << 32) | 1, URLS[0].into());
+        let decision = settle_as(1, &[Some(leader), Some(follower)]).await.expect("a decision");
+        assert_eq!(decision.id, (3 << 32) | 1);
+        assert_eq!(decision.replaces, vec![(1 << 32) | 1]);
+    }
 }

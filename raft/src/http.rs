@@ -46,6 +46,7 @@ pub fn router(replica: Arc<Replica>, token: Token) -> Router {
         .route("/admin/init", post(init))
         .route("/admin/learners", post(add_learner))
         .route("/admin/voters", post(change_voters))
+        .route("/admin/voters/replace", post(replace_voters))
         .route("/admin/members/remove", post(remove_members))
         .route("/admin/metrics", get(metrics))
         .route("/admin/digest", get(digest))
@@ -128,8 +129,8 @@ async fn snapshot(
     Ok(axum::Json(r.raft.install_snapshot(rpc).await))
 }
 
-async fn membership(State(r): Shared) -> axum::Json<GroupView> {
-    axum::Json(r.view())
+async fn membership(State(r): Shared) -> Result<axum::Json<GroupView>, ApiError> {
+    r.view().map(axum::Json).ok_or_else(|| ApiError::unavailable("this replica has not loaded its log yet"))
 }
 
 async fn read_index(State(r): Shared) -> Result<axum::Json<ReadIndexAnswer>, ApiError> {
@@ -182,6 +183,20 @@ async fn change_voters(
         return Err(ApiError::bad_request("invalid_body", "a group needs at least one voter"));
     }
     Ok(axum::Json(MembershipAnswer { index: r.change_voters(req.voters, req.keep_learners).await? }))
+}
+
+/// A new incarnation takes its seat: `with` replaces the voters `replace`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReplaceRequest {
+    pub replace: BTreeSet<NodeId>,
+    pub with: NodeId,
+}
+
+async fn replace_voters(
+    State(r): Shared,
+    Json(req): Json<ReplaceRequest>,
+) -> Result<axum::Json<MembershipAnswer>, ApiError> {
+    Ok(axum::Json(MembershipAnswer { index: r.replace_voters(req.replace, req.with).await? }))
 }
 
 #[derive(Debug, Serialize, Deserialize)]

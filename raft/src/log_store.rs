@@ -29,6 +29,10 @@ pub struct Identity {
     /// Older incarnations of this node's seat whose place it has yet to take.
     #[serde(default)]
     pub replaces: Vec<NodeId>,
+    /// The voters to found a group with, when that was the decision: founded again at the
+    /// next start if the log is still empty then (the process stopped in between).
+    #[serde(default)]
+    pub found: Option<std::collections::BTreeMap<NodeId, String>>,
 }
 
 /// Log store handle given to openraft. Writes go through one connection; each log reader
@@ -73,13 +77,27 @@ impl LogStore {
         Ok(read_meta(&conn, "identity")?)
     }
 
+    /// Whether the data directory `dir` holds no log yet, nor anything a node promised:
+    /// read without creating or changing anything.
+    pub fn is_blank_dir(dir: &Path) -> anyhow::Result<bool> {
+        let path = dir.join("raft.db");
+        if !path.exists() {
+            return Ok(true);
+        }
+        let conn = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let has_meta: bool = conn
+            .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'meta'", [], |r| r.get::<_, i64>(0))
+            .map(|n| n > 0)?;
+        if !has_meta {
+            return Ok(true);
+        }
+        blank(&conn)
+    }
+
     /// Whether the log holds anything a node promised: a vote or an entry.
     pub fn is_blank(&self) -> anyhow::Result<bool> {
         let conn = self.conn.lock().map_err(|_| anyhow::anyhow!("log store lock poisoned"))?;
-        let vote: Option<Vote<NodeId>> = read_meta(&conn, "vote")?;
-        let entries: i64 = conn.query_row("SELECT count(*) FROM log", [], |r| r.get(0))?;
-        let purged: Option<LogId<NodeId>> = read_meta(&conn, "last_purged")?;
-        Ok(vote.is_none() && entries == 0 && purged.is_none())
+        blank(&conn)
     }
 
     /// Records who this log belongs to, durably.
@@ -117,6 +135,14 @@ impl LogStore {
         })
         .await
     }
+}
+
+/// No vote, no entry, nothing purged.
+fn blank(conn: &Connection) -> anyhow::Result<bool> {
+    let vote: Option<Vote<NodeId>> = read_meta(conn, "vote")?;
+    let entries: i64 = conn.query_row("SELECT count(*) FROM log", [], |r| r.get(0))?;
+    let purged: Option<LogId<NodeId>> = read_meta(conn, "last_purged")?;
+    Ok(vote.is_none() && entries == 0 && purged.is_none())
 }
 
 fn read_meta<T: DeserializeOwned>(conn: &Connection, name: &str) -> StorageResult<Option<T>> {

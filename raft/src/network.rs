@@ -113,6 +113,12 @@ impl Peer {
                 RPCError::Network(NetworkError::new(&e))
             }
         })?;
+        if response.status() == reqwest::StatusCode::CONFLICT {
+            // Another node, or another group, answers at this address (wrong_node,
+            // wrong_group): as good as unreachable, so openraft backs off from it.
+            let e = std::io::Error::other(format!("{} is not node {} of this group", self.addr, self.target));
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        }
         if !response.status().is_success() {
             let e = std::io::Error::other(format!("peer answered {}", response.status()));
             return Err(RPCError::Network(NetworkError::new(&e)));

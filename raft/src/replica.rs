@@ -137,6 +137,9 @@ pub struct Replica {
     peers: Vec<String>,
     /// The last log index of the newest snapshot a leader sent this replica (0: none).
     pub installed_snapshot: Arc<std::sync::atomic::AtomicU64>,
+    /// The log held something when this replica started: until Raft has loaded it, the
+    /// replica cannot tell others about its group.
+    had_state: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -163,7 +166,15 @@ impl Replica {
         }
         .validate()?;
         let client = quire_common::client::http_client();
-        let log = LogStore::open(&config.dir.join("raft.db"))?;
+        let raft_db = config.dir.join("raft.db");
+        if !raft_db.exists() {
+            // A log's write-ahead file without the log would bring part of a lost log back.
+            for stale in ["raft.db-wal", "raft.db-shm"] {
+                let _ = std::fs::remove_file(config.dir.join(stale));
+            }
+        }
+        let log = LogStore::open(&raft_db)?;
+        let had_state = !log.is_blank()?;
         let (identity, found) = identify(&config, &log, &client).await?;
         let state = StateStore::open(&config.dir, machine.clone())?;
         let (reads, installed) = (state.reads.clone(), state.installed.clone());
@@ -199,6 +210,7 @@ impl Replica {
             replaces: std::sync::Mutex::new(identity.replaces),
             peers: config.peers.iter().cloned().chain(config.init.iter().flat_map(|m| m.values().cloned())).collect(),
             installed_snapshot: installed,
+            had_state,
         });
         let _ = cell.set(Arc::downgrade(&replica));
         if let Some(members) = found {
@@ -228,23 +240,30 @@ impl Replica {
         }
     }
 
-    /// What this replica tells a starting one about the group.
-    pub fn view(&self) -> GroupView {
+    /// What this replica tells a starting one about the group; `None` while it cannot
+    /// tell (its log is not loaded yet).
+    pub fn view(&self) -> Option<GroupView> {
         let m = self.metrics();
+        let loaded = m.membership_config.log_id().is_some();
+        if self.had_state && !loaded {
+            return None;
+        }
         let membership = m.membership_config.membership();
         let addr = |ids: Vec<NodeId>| -> BTreeMap<NodeId, String> {
             ids.into_iter().filter_map(|id| membership.get_node(&id).map(|n| (id, n.addr.clone()))).collect()
         };
         let leader = self.leader();
-        GroupView {
+        Some(GroupView {
             group: self.group.clone(),
-            initialized: m.membership_config.log_id().is_some(),
+            initialized: loaded,
             node_id: Some(self.id),
             leader: leader.as_ref().map(|(id, _)| *id),
             leader_url: leader.map(|(_, url)| url),
             voters: addr(membership.voter_ids().collect()),
             learners: addr(membership.learner_ids().collect()),
-        }
+            last_log_index: m.last_log_index,
+            vote_committed: m.vote.is_committed(),
+        })
     }
 
     /// Older incarnations of this replica's seat whose place it has yet to take.
@@ -265,7 +284,8 @@ impl Replica {
             }
             match self.take_seat_step().await {
                 Ok(true) => {
-                    let identity = Identity { group: self.group.clone(), node_id: self.id, replaces: vec![] };
+                    let identity =
+                        Identity { group: self.group.clone(), node_id: self.id, replaces: vec![], found: None };
                     let log = self.log.clone();
                     match tokio::task::spawn_blocking(move || log.set_identity(&identity)).await {
                         Ok(Ok(())) => {
@@ -307,13 +327,11 @@ impl Replica {
         }
         let older_voters: Vec<NodeId> = older.iter().copied().filter(|id| view.voters.contains_key(id)).collect();
         if !older_voters.is_empty() {
-            let mut voters: BTreeSet<NodeId> = view.voters.keys().copied().collect();
-            voters.retain(|id| !older_voters.contains(id));
-            voters.insert(self.id);
-            tracing::info!(?voters, "caught up: taking the voter seat of {older_voters:?}");
-            let body = crate::http::VotersRequest { voters, keep_learners: false };
+            tracing::info!("caught up: taking the voter seat of {older_voters:?}");
+            // The leader works the new voter set out from its own membership.
+            let body = crate::http::ReplaceRequest { replace: older_voters.into_iter().collect(), with: self.id };
             let _: crate::http::MembershipAnswer =
-                self.admin(self.client.post(format!("{leader}/admin/voters")).json(&body)).await?;
+                self.admin(self.client.post(format!("{leader}/admin/voters/replace")).json(&body)).await?;
             return Ok(false);
         }
         tracing::info!("caught up: removing the older learners {older:?}");
@@ -535,6 +553,21 @@ impl Replica {
         self.raft.change_membership(voters, keep_learners).await.map(|r| r.log_id.index).map_err(membership_error)
     }
 
+    /// Makes `with` a voter in place of the voters `replace` (incarnations of its seat),
+    /// from this leader's current membership, in one joint change.
+    pub async fn replace_voters(&self, replace: BTreeSet<NodeId>, with: NodeId) -> Result<u64, ApiError> {
+        if let Some(other) = replace.iter().find(|id| crate::seat(**id) != crate::seat(with)) {
+            return Err(ApiError::bad_request("invalid_body", format!("node {other} is not of the seat of {with}")));
+        }
+        let m = self.metrics();
+        let current: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+        if !current.iter().any(|id| replace.contains(id)) {
+            return Err(ApiError::new(axum::http::StatusCode::CONFLICT, "bad_request", "no voter to replace"));
+        }
+        let voters: BTreeSet<NodeId> = current.difference(&replace).copied().chain([with]).collect();
+        self.change_voters(voters, false).await
+    }
+
     /// Removes members (learners) from the group.
     pub async fn remove_members(&self, ids: BTreeSet<NodeId>) -> Result<u64, ApiError> {
         self.raft
@@ -567,11 +600,13 @@ async fn identify(
             identity.group,
             config.group
         );
-        return Ok((identity, None));
+        // A founder that stopped before founding founds at this start.
+        let found = identity.found.clone().filter(|_| log.is_blank().unwrap_or(false));
+        return Ok((identity, found));
     }
     if !log.is_blank()? {
         // A log from before node ids were recorded: it is the seat's own.
-        let identity = Identity { group: config.group.clone(), node_id: config.seat, replaces: vec![] };
+        let identity = Identity { group: config.group.clone(), node_id: config.seat, replaces: vec![], found: None };
         log.set_identity(&identity)?;
         return Ok((identity, None));
     }
@@ -594,7 +629,12 @@ async fn identify(
         advertise: &config.advertise,
     };
     let decision = crate::bootstrap::decide(&start).await;
-    let identity = Identity { group: config.group.clone(), node_id: decision.id, replaces: decision.replaces };
+    let identity = Identity {
+        group: config.group.clone(),
+        node_id: decision.id,
+        replaces: decision.replaces,
+        found: decision.found.clone(),
+    };
     log.set_identity(&identity)?;
     Ok((identity, decision.found))
 }

@@ -51,7 +51,8 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let token = member.replica.token.clone();
     let routes: Arc<OnceLock<Router>> = Arc::new(OnceLock::new());
-    let starting = starting_router(member.replica.group.clone(), token.clone());
+    let blank = crate::log_store::LogStore::is_blank_dir(&member.replica.dir)?;
+    let starting = starting_router(member.replica.group.clone(), token.clone(), blank);
     let late = routes.clone();
     let app = Router::new().fallback_service(tower::service_fn(move |request: Request| {
         let router = late.get().cloned().unwrap_or_else(|| starting.clone());
@@ -92,11 +93,20 @@ pub async fn serve(
     Ok(())
 }
 
-/// What a replica answers while it is still deciding who it is: to the others, that it
-/// has no group yet; to everything else, that it is not ready.
-fn starting_router(group: String, token: Token) -> Router {
+/// What a replica answers while it starts: with an empty data directory, to the others,
+/// that it has no group yet (it is deciding who it is); with a log, that it cannot tell
+/// yet (it has a group, but not loaded); to everything else, that it is not ready.
+fn starting_router(group: String, token: Token, blank: bool) -> Router {
     let view = GroupView { group, ..GroupView::default() };
-    let raft = Router::new().route("/raft/membership", get(move || async move { axum::Json(view) }));
+    let raft = Router::new().route(
+        "/raft/membership",
+        get(move || async move {
+            match blank {
+                true => Ok(axum::Json(view)),
+                false => Err(ApiError::unavailable("this replica has not loaded its log yet")),
+            }
+        }),
+    );
     guarded(raft, token)
         .route("/health", get(|| async { axum::Json(serde_json::json!({"ok": true})) }))
         .fallback(|| async { ApiError::unavailable("this replica is starting") })

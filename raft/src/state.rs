@@ -226,7 +226,13 @@ fn keep_snapshot(dir: &Path, file: &Path) -> std::io::Result<SnapshotMeta<NodeId
 fn snapshot_meta(path: &Path) -> rusqlite::Result<SnapshotMeta<NodeId, openraft::BasicNode>> {
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let (last_log_id, last_membership) = read_applied(&conn)?;
-    let snapshot_id = last_log_id.map_or_else(|| "empty".to_string(), |l| l.to_string());
+    let built: Option<String> =
+        conn.query_row("SELECT value FROM quire_meta WHERE name = 'snapshot_id'", [], |r| r.get(0)).optional()?;
+    let applied = last_log_id.map_or_else(|| "empty".to_string(), |l| l.to_string());
+    let snapshot_id = match built {
+        Some(built) => format!("{applied}-{built}"),
+        None => applied,
+    };
     Ok(SnapshotMeta { last_log_id, last_membership, snapshot_id })
 }
 
@@ -427,7 +433,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateStore {
         tokio::task::spawn_blocking(move || -> rusqlite::Result<_> {
             let _ = std::fs::remove_file(&stale);
             let conn = open(&source, false)?;
-            conn.execute("VACUUM INTO ?1", [&target])
+            conn.execute("VACUUM INTO ?1", [&target])?;
+            // Two snapshots of one log id (built before and after a restart) are still two
+            // files: each has an id of its own.
+            let built = Connection::open(&target)?;
+            let id = format!("{:016x}", rand::random::<u64>());
+            built.execute("INSERT OR REPLACE INTO quire_meta (name, value) VALUES ('snapshot_id', ?1)", [id])
         })
         .await
         .map_err(snap_err)?
