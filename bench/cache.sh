@@ -39,7 +39,7 @@ for i in $(seq 1 "$BOOKS"); do curl -sf "$EDGE/lookup/$i" >/dev/null; done
 
 # Hits and misses summed over the frontends.
 counts() {
-  for f in $FRONTENDS; do curl -sf "$f/status"; done | jq -s '[map(.details.cache_hits) | add, map(.details.cache_misses) | add]'
+  for f in $FRONTENDS; do curl -sf "$f/status"; done | jq -s '[(map(.details.cache_hits) | add), (map(.details.cache_misses) | add)]'
 }
 rate() { awk '/Requests\/sec/ {print $2}' <<<"$1"; }
 ratio() { # before, after: the hit ratio between two counts

@@ -243,3 +243,36 @@ fn long_random_histories_pass_and_a_planted_stale_read_fails() {
     ops.push(lookup(client + clients, 1, start, end_late, 1_000_000 - 5));
     assert!(!check(&ops, &fin, &[1]).violations.is_empty(), "the planted stale read went unnoticed");
 }
+
+#[test]
+fn a_retried_buy_is_one_write() {
+    // The first attempt's answer was lost; the retry is answered from what it did.
+    let ops = vec![
+        buy(0, 1, "a", 0, 10, Outcome::Unknown("504 deadline_exceeded".into())),
+        buy(0, 1, "a", 20, 25, sold(100, 1, 9)),
+        lookup(1, 1, 30, 31, 9),
+        // Refused (nothing done), then done by the retry.
+        buy(2, 1, "b", 32, 33, Outcome::Refused("503 unavailable".into())),
+        buy(2, 1, "b", 34, 36, sold(101, 1, 8)),
+        lookup(1, 1, 37, 38, 8),
+    ];
+    let verdict = check(&ops, &final_state(10, 8, &["a", "b"], 40), &[1]);
+    assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
+
+    // Counted as two writes, the retry would leave 8 after "a": a read of 8 is caught.
+    let ops = vec![
+        buy(0, 1, "a", 0, 10, Outcome::Unknown("504 deadline_exceeded".into())),
+        buy(0, 1, "a", 20, 25, sold(100, 1, 9)),
+        lookup(1, 1, 30, 31, 8),
+    ];
+    let verdict = check(&ops, &final_state(10, 9, &["a"], 40), &[1]);
+    assert_eq!(verdict.violations.len(), 1, "{:#?}", verdict.violations);
+
+    // A retry acknowledged for a key the catalog never sold is caught.
+    let ops = vec![
+        buy(0, 1, "a", 0, 10, Outcome::Refused("503 unavailable".into())),
+        buy(0, 1, "a", 20, 25, sold(100, 1, 9)),
+    ];
+    let verdict = check(&ops, &final_state(10, 10, &[], 40), &[1]);
+    assert!(verdict.violations.iter().any(|v| v.contains("not what the catalog sold")), "{:#?}", verdict.violations);
+}

@@ -204,22 +204,20 @@ async fn every_process_killed_then_restarted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn recovery_finishes_orders_left_pending() {
     let t = TestStore::start(Options { books: vec![(1, 10)], ..Options::default() }).await;
+    // Readers of the book throughout (unanswered while the catalog is cut off), and the
+    // test's own requests, all in the history.
+    let w = common::Shoppers { tolerate_unavailable: true, ..t.shoppers(0, 2) }.start();
+    w.progress(20, 0).await;
     // With every catalog balancer down, a buy is recorded as pending and cannot finish.
     for b in t.store.names("catalog-balancer") {
         t.store.kill(&b).expect("kill");
     }
-    let r = t
-        .client
-        .post(format!("{}/buy/1", t.edge))
-        .header("Idempotency-Key", "stuck-1")
-        .header("x-quire-deadline", deadline_in(1500))
-        .send()
-        .await
-        .expect("buy");
-    assert_eq!(r.status(), 504, "the buy cannot have finished, and its outcome is not known to the frontend");
-    let t = &t;
+    let answer = w.buy(1, "stuck-1", Some(deadline_in(1500))).await;
+    let status = answer.as_ref().map(|(s, _)| *s);
+    assert_eq!(status, Ok(504), "the buy cannot have finished, and its outcome is not known to the frontend");
+    let store = &t;
     let order_in = |state: &'static str| async move {
-        let orders: Vec<serde_json::Value> = t.admin_get("order-1", "/admin/orders").await?;
+        let orders: Vec<serde_json::Value> = store.admin_get("order-1", "/admin/orders").await?;
         orders.iter().find(|o| o["key"] == "stuck-1" && o["state"] == state).cloned()
     };
     wait_for("the order to be recorded as pending", Duration::from_secs(10), || order_in("pending")).await;
@@ -228,40 +226,38 @@ async fn recovery_finishes_orders_left_pending() {
         t.store.restart(&b).expect("restart");
     }
     let confirmed = wait_for("recovery to confirm the order", Duration::from_secs(30), || order_in("confirmed")).await;
-    let r = t.client.get(format!("{}/lookup/1", t.edge)).send().await.expect("lookup");
-    assert_eq!(r.json::<serde_json::Value>().await.expect("book")["stock"], 9);
+    let (_, book) = w.lookup(1).await.expect("lookup");
+    assert_eq!(book["stock"], 9);
     // The client's retry with the same key learns the outcome and buys nothing more.
-    let again =
-        t.client.post(format!("{}/buy/1", t.edge)).header("Idempotency-Key", "stuck-1").send().await.expect("buy");
-    assert_eq!(again.status(), 200);
-    let receipt: serde_json::Value = again.json().await.expect("receipt");
+    let (status, receipt) = w.buy(1, "stuck-1", None).await.expect("retry");
+    assert_eq!(status, 200);
     assert_eq!(receipt["order_id"], confirmed["order_id"]);
     assert_eq!(receipt["stock_left"], 9);
-    let report =
-        common::Report { acked: vec![serde_json::from_value(receipt).expect("receipt")], ..Default::default() };
-    t.check_invariants(&report).await;
+    w.progress(20, 0).await;
+    t.settle(w).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sold_out_books_are_restocked() {
     let t = TestStore::start(Options { books: vec![(1, 2), (2, 5)], restock: true, ..Options::default() }).await;
-    let mut acked = Vec::new();
-    for _ in 0..2 {
-        let r = t.client.post(format!("{}/buy/1", t.edge)).send().await.expect("buy");
-        assert_eq!(r.status(), 200);
-        acked.push(r.json().await.expect("receipt"));
+    // Readers of both books throughout, and the test's own buys, all in the history.
+    let w = t.shoppers(0, 2).start();
+    for n in 1..=2 {
+        let (status, _) = w.buy(1, &format!("sell-out-{n}"), None).await.expect("buy");
+        assert_eq!(status, 200);
     }
     // Stock 0 → after the restock delay the leader adds 50 copies through Raft, and the
     // frontends' caches show it.
     wait_for("book 1 to be restocked", Duration::from_secs(20), || async {
-        let r = t.client.get(format!("{}/lookup/1", t.edge)).send().await.ok()?;
-        (r.json::<serde_json::Value>().await.ok()?["stock"] == 50).then_some(())
+        let (_, book) = w.lookup(1).await.ok()?;
+        (book["stock"] == 50).then_some(())
     })
     .await;
     let ledger: serde_json::Value = t.admin_get("catalog-2", "/admin/ledger").await.expect("ledger");
     assert_eq!(ledger["books"][0]["restocked"], 50);
     assert_eq!(ledger["books"][1]["restocked"], 0, "a book in stock is not restocked");
-    t.check_invariants(&common::Report { acked, ..Default::default() }).await;
+    w.progress(20, 0).await;
+    t.settle(w).await;
 }
 
 fn deadline_in(ms: u64) -> String {

@@ -24,6 +24,11 @@
 //! Besides the search, the projection checks what no ordering can explain: an answer that
 //! says a buy did not happen (409, 503) for a key the catalog sold, a receipt for a key it
 //! did not sell, a key sold that no client asked for.
+//!
+//! A client may retry a buy with its key: the attempts are one write. The first attempt
+//! that may have done it (answered, or unknown and sold) is the write; a later attempt is
+//! answered from what it did, so it must agree with the catalog and is no step of its own.
+//! An attempt refused (503: nothing done) before a later one is no write at all.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -227,6 +232,18 @@ pub fn check(ops: &[Op], fin: &Final, items: &[u64]) -> Verdict {
     let watch = |order: u64| watched.contains(&order).then_some(order);
     let mut own_process = 1_000_000;
     let mut asked: BTreeSet<&str> = BTreeSet::new();
+    // A key's attempts (a client retrying a buy) are one write: the first attempt that may
+    // have done it is the write, and a later one is answered from what it did. Attempts are
+    // taken in the order they were sent.
+    let mut attempts: BTreeMap<&str, usize> = BTreeMap::new();
+    for op in ops {
+        if let Call::Buy { key, .. } = &op.call {
+            *attempts.entry(key.as_str()).or_default() += 1;
+        }
+    }
+    let mut written: BTreeSet<&str> = BTreeSet::new();
+    let mut ops: Vec<&Op> = ops.iter().collect();
+    ops.sort_by_key(|op| op.sent);
     for op in ops {
         let (start, stop) = (nanos(op.sent) + 1, nanos(op.answered) + 1);
         let mut push = |item: u64, step: Step, open: bool, what: String| {
@@ -249,29 +266,53 @@ pub fn check(ops: &[Op], fin: &Final, items: &[u64]) -> Verdict {
             (Call::Lookup { .. }, _) => {}
             (Call::Buy { item, quantity, key }, outcome) => {
                 asked.insert(key);
+                let retried_later = attempts.get_mut(key.as_str()).is_some_and(|left| {
+                    *left -= 1;
+                    *left > 0
+                });
+                let retry = written.contains(key.as_str());
                 let sold = fin.sold.get(key);
                 let q = i64::from(*quantity);
                 match outcome {
+                    Outcome::Receipt(r)
+                        if retry
+                            && (sold != Some(&(*item, *quantity)) || r.item_id != *item || r.quantity != *quantity) =>
+                    {
+                        verdict.violations.push(format!(
+                            "a retry of buy {key} ({q} of book {item}) was acknowledged ({r:?}, {at}) but the catalog sold {sold:?}"
+                        ))
+                    }
+                    Outcome::OutOfStock | Outcome::Refused(_) | Outcome::NotFound if retry && sold.is_some() => verdict
+                        .violations
+                        .push(format!("a retry of buy {key} was answered {outcome:?} ({at}) but the catalog sold it")),
+                    _ if retry => {}
+                    // Nothing done, and a later attempt may do it.
+                    Outcome::Refused(_) if retried_later => {}
                     Outcome::Receipt(r) => {
                         if sold != Some(&(*item, *quantity)) || r.item_id != *item || r.quantity != *quantity {
                             verdict.violations.push(format!(
                                 "acknowledged buy {key} ({q} of book {item}, receipt {r:?}) is not what the catalog sold: {sold:?}"
                             ));
                         }
+                        written.insert(key);
                         let step = Step::Sold { quantity: q, left: r.stock_left, order: watch(r.order_id) };
                         push(*item, step, false, format!("buy {key} ×{q} → sold, {} left ({at})", r.stock_left));
                     }
                     Outcome::OutOfStock | Outcome::Refused(_) | Outcome::NotFound if sold.is_some() => verdict
                         .violations
                         .push(format!("buy {key} was answered {outcome:?} ({at}) but the catalog sold it")),
-                    Outcome::OutOfStock => push(
-                        *item,
-                        Step::OutOfStock { quantity: q },
-                        false,
-                        format!("buy {key} ×{q} → out of stock ({at})"),
-                    ),
+                    Outcome::OutOfStock => {
+                        written.insert(key);
+                        push(
+                            *item,
+                            Step::OutOfStock { quantity: q },
+                            false,
+                            format!("buy {key} ×{q} → out of stock ({at})"),
+                        )
+                    }
                     Outcome::NotFound => verdict.violations.push(format!("buy {key}: book {item} not found ({at})")),
                     Outcome::Unknown(_) if sold.is_some() => {
+                        written.insert(key);
                         let order = fin.order_of.get(key).and_then(|o| watch(*o));
                         push(
                             *item,

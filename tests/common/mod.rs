@@ -236,6 +236,12 @@ impl TestStore {
     /// replica of both groups converged and every check passed.
     pub async fn finish(self, w: Workload) {
         w.progress(20, 5).await;
+        self.settle(w).await;
+    }
+
+    /// Stops the workload, waits for every replica of both groups to converge, and checks
+    /// every invariant against what it saw.
+    pub async fn settle(self, w: Workload) {
         let report = w.finish().await;
         eprintln!("workload: {}", report.summary());
         assert!(!report.acked.is_empty(), "no buy succeeded at all");
@@ -518,6 +524,9 @@ pub struct Workload {
     pub buys_done: Arc<AtomicU64>,
     /// When the workload started (times in its report are counted from here).
     pub began: Instant,
+    recorder: Recorder,
+    client: reqwest::Client,
+    edge: String,
 }
 
 /// Shared by a workload's tasks.
@@ -668,7 +677,8 @@ impl Shoppers {
                 }
             }));
         }
-        Workload { stop, tasks, report, reads_done, buys_done, began }
+        let edge = targets[0].clone();
+        Workload { stop, tasks, report, reads_done, buys_done, began, recorder, client, edge }
     }
 }
 
@@ -682,6 +692,44 @@ impl Workload {
             (r >= r0 + reads && b >= b0 + buys).then_some(())
         })
         .await;
+    }
+
+    /// A test's own buy through the edge, recorded in the history as client `SCRIPT`'s
+    /// (`deadline`: the `x-quire-deadline` to send, else a patient one). Returns the answer.
+    pub async fn buy(&self, item: u64, key: &str, deadline: Option<String>) -> Answer {
+        let sent = self.recorder.now();
+        let answer = self
+            .client
+            .post(format!("{}/buy/{item}", self.edge))
+            .header(headers::IDEMPOTENCY_KEY, key)
+            .header(headers::DEADLINE, deadline.unwrap_or_else(patient))
+            .json(&serde_json::json!({ "quantity": 1 }))
+            .send()
+            .await;
+        let answer = classify(answer).await;
+        let (outcome, problem) = buy_outcome(answer.clone());
+        let mut report = self.recorder.report.lock().expect("report");
+        report.buys += 1;
+        if let Outcome::Receipt(r) = &outcome {
+            if !report.acked.iter().any(|a| a.order_id == r.order_id) {
+                report.acked.push(r.clone());
+            }
+        }
+        drop(report);
+        let call = Call::Buy { item, quantity: 1, key: key.to_string() };
+        self.recorder.record(SCRIPT, call, sent, outcome, problem.map(|p| format!("buy {key}: {p}")));
+        answer
+    }
+
+    /// A test's own lookup through the edge, recorded in the history. Returns the answer.
+    pub async fn lookup(&self, item: u64) -> Answer {
+        let sent = self.recorder.now();
+        let answer = self.client.get(format!("{}/lookup/{item}", self.edge)).send().await;
+        let answer = classify(answer).await;
+        let (outcome, problem) =
+            read_outcome(answer.clone(), true, |body| body["stock"].as_i64().map(|stock| Outcome::Book { stock }));
+        self.recorder.record(SCRIPT, Call::Lookup { item }, sent, outcome, problem.map(|p| format!("lookup: {p}")));
+        answer
     }
 
     pub async fn finish(self) -> Report {
@@ -698,7 +746,10 @@ fn rand_suffix() -> u32 {
 }
 
 /// An answer: status and JSON body, or why there was none (the request may have arrived).
-type Answer = Result<(u16, Value), String>;
+pub type Answer = Result<(u16, Value), String>;
+
+/// The history's client number of a test's own requests ([`Workload::buy`]).
+const SCRIPT: usize = 10_000;
 
 async fn classify(sent: reqwest::Result<reqwest::Response>) -> Answer {
     let response = sent.map_err(|e| if e.is_connect() { format!("unreachable: {e}") } else { e.to_string() })?;
