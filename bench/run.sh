@@ -5,6 +5,7 @@
 #
 #   bench/run.sh                 # 10 s per run, 64 connections
 #   DURATION=30s CONNS=64 bench/run.sh
+#   QUIRE=/elsewhere/quire bench/run.sh   # another build of quire against the same anchors
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +17,8 @@ for tool in wrk etcd jq curl; do
 done
 
 cargo build --release --bin quire --example bare_axum 2>&1 | tail -1
-QUIRE=$PWD/target/release/quire
+# QUIRE chooses the binary under test (another build, to compare two in one sitting).
+QUIRE=${QUIRE:-$PWD/target/release/quire}
 TMP=$(mktemp -d)
 PIDS=()
 cleanup() {
