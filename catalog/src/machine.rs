@@ -134,14 +134,16 @@ fn decrement(
     key: &str,
     quantity: u32,
 ) -> rusqlite::Result<DecrementResult> {
+    // Every statement here runs once per buy: prepared once per connection and kept.
     let previous = tx
-        .query_row("SELECT outcome, price_cents, stock_left FROM sales WHERE key = ?1", [key], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-        })
+        .prepare_cached("SELECT outcome, price_cents, stock_left FROM sales WHERE key = ?1")?
+        .query_row([key], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
         .optional()?;
     let row_version = |tx: &Transaction<'_>| -> rusqlite::Result<u64> {
-        let v: Option<i64> =
-            tx.query_row("SELECT version FROM books WHERE id = ?1", [item_id as i64], |r| r.get(0)).optional()?;
+        let v: Option<i64> = tx
+            .prepare_cached("SELECT version FROM books WHERE id = ?1")?
+            .query_row([item_id as i64], |r| r.get(0))
+            .optional()?;
         Ok(v.map_or(0, |v| v as u64))
     };
     if let Some((outcome, price_cents, stock_left)) = previous {
@@ -149,9 +151,8 @@ fn decrement(
         return Ok(DecrementResult { outcome, price_cents, stock_left, version: row_version(tx)? });
     }
     let book = tx
-        .query_row("SELECT price_cents, stock, version FROM books WHERE id = ?1", [item_id as i64], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)? as u64))
-        })
+        .prepare_cached("SELECT price_cents, stock, version FROM books WHERE id = ?1")?
+        .query_row([item_id as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)? as u64)))
         .optional()?;
     let result = match book {
         None => DecrementResult { outcome: DecrementOutcome::NotFound, price_cents: 0, stock_left: 0, version: 0 },
@@ -160,20 +161,29 @@ fn decrement(
         }
         Some((price_cents, stock, _)) => {
             let left = stock - i64::from(quantity);
-            tx.execute(
-                "UPDATE books SET stock = ?1, version = ?2 WHERE id = ?3",
-                params![left, index as i64, item_id as i64],
-            )?;
+            tx.prepare_cached("UPDATE books SET stock = ?1, version = ?2 WHERE id = ?3")?.execute(params![
+                left,
+                index as i64,
+                item_id as i64
+            ])?;
             DecrementResult { outcome: DecrementOutcome::Sold, price_cents, stock_left: left, version: index }
         }
     };
     let outcome =
         serde_json::to_value(result.outcome).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO sales (key, item_id, quantity, outcome, price_cents, stock_left, log_index)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![key, item_id as i64, quantity, outcome, result.price_cents, result.stock_left, index as i64],
-    )?;
+    )?
+    .execute(params![
+        key,
+        item_id as i64,
+        quantity,
+        outcome,
+        result.price_cents,
+        result.stock_left,
+        index as i64
+    ])?;
     Ok(result)
 }
 

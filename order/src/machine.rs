@@ -54,11 +54,12 @@ impl quire_raft::Machine for Orders {
         };
         let key = match command {
             Command::Place { key, item_id, quantity, created_ms } => {
-                tx.execute(
+                // Both statements run for every buy: prepared once per connection and kept.
+                tx.prepare_cached(
                     "INSERT OR IGNORE INTO orders (order_id, key, item_id, quantity, state, created_ms)
                      VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
-                    params![index as i64, key, item_id as i64, quantity, created_ms as i64],
-                )?;
+                )?
+                .execute(params![index as i64, key, item_id as i64, quantity, created_ms as i64])?;
                 key
             }
             Command::Settle { key, result } => {
@@ -67,11 +68,11 @@ impl quire_raft::Machine for Orders {
                     DecrementOutcome::OutOfStock => ("failed", Some("out_of_stock")),
                     DecrementOutcome::NotFound => ("failed", Some("not_found")),
                 };
-                tx.execute(
+                tx.prepare_cached(
                     "UPDATE orders SET state = ?1, reason = ?2, price_cents = ?3, stock_left = ?4
                      WHERE key = ?5 AND state = 'pending'",
-                    params![state, reason, result.price_cents, result.stock_left, key],
-                )?;
+                )?
+                .execute(params![state, reason, result.price_cents, result.stock_left, key])?;
                 key
             }
         };

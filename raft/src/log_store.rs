@@ -50,6 +50,8 @@ pub(crate) fn open(path: &Path, durable: bool) -> rusqlite::Result<Connection> {
     // Small page caches: appends and point reads need few pages, and the OS caches the file.
     conn.pragma_update(None, "cache_size", -512)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // Room for every statement of the hot paths (appends, applies, the machines' commands).
+    conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
 

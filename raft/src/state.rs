@@ -302,10 +302,12 @@ fn apply_one(
     index: u64,
     command: &serde_json::Value,
 ) -> StorageResult<serde_json::Value> {
-    tx.execute_batch("SAVEPOINT command").map_err(sm_err)?;
+    // Prepared once per connection and kept: these run for every entry.
+    let run = |sql: &str| tx.prepare_cached(sql).and_then(|mut s| s.execute([])).map(|_| ()).map_err(sm_err);
+    run("SAVEPOINT command")?;
     match machine.apply(tx, index, command) {
         Ok(response) => {
-            tx.execute_batch("RELEASE command").map_err(sm_err)?;
+            run("RELEASE command")?;
             Ok(response)
         }
         Err(e) if caused_by_the_command(&e) => {

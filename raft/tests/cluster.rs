@@ -132,15 +132,20 @@ async fn leader_of(nodes: &[&Node]) -> NodeId {
 
 /// Writes through whichever node leads, following leader changes as a client would.
 async fn put(nodes: &[Node], k: &str, v: &str) -> u64 {
+    propose(nodes, json!({"k": k, "v": v})).await
+}
+
+/// Proposes `command` through whichever node leads, following leader changes.
+async fn propose(nodes: &[Node], command: Value) -> u64 {
     let start = Instant::now();
     loop {
         if let Some(leader) = nodes.iter().find(|n| n.replica.is_leader()) {
-            match leader.replica.write(json!({"k": k, "v": v}), Deadline::after(Duration::from_secs(2))).await {
+            match leader.replica.write(command.clone(), Deadline::after(Duration::from_secs(5))).await {
                 Ok(applied) => return applied.index,
-                Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "write of {k} failed: {e}"),
+                Err(e) => assert!(start.elapsed() < Duration::from_secs(20), "write of {command} failed: {e}"),
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "no leader took the write of {k}");
+        assert!(start.elapsed() < Duration::from_secs(20), "no leader took the write of {command}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -299,8 +304,7 @@ async fn a_snapshot_of_many_chunks_reaches_a_new_learner() {
     let l = nodes.iter().position(|n| n.replica.id == leader).unwrap();
     // About 5 MiB of state: 40 000 keys of 64-character values.
     for batch in 0..4 {
-        let fill = json!({"fill": 10_000, "prefix": format!("big{batch}-")});
-        nodes[l].replica.write(fill, Deadline::after(Duration::from_secs(20))).await.unwrap();
+        propose(&nodes, json!({"fill": 10_000, "prefix": format!("big{batch}-")})).await;
     }
     for i in 0..60 {
         put(&nodes, &format!("k{i}"), "v").await;
