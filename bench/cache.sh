@@ -17,22 +17,8 @@ for tool in wrk jq curl; do
   command -v "$tool" >/dev/null || { echo "bench needs $tool (apt-get install wrk jq curl)" >&2; exit 1; }
 done
 [ -x "$QUIRE" ] || cargo build --release --bin quire 2>&1 | tail -1
-TMP=$(mktemp -d)
-UP=""
-cleanup() {
-  [ -n "$UP" ] && kill "$UP" 2>/dev/null && wait "$UP" 2>/dev/null
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-{ echo "id,title,topic,price,stock"; for i in $(seq 1 "$BOOKS"); do echo "$i,Hot book $i,bench,10.00,100000000"; done; } > "$TMP/books.csv"
-"$QUIRE" up --data-dir "$TMP/store" --port 0 --catalog "$TMP/books.csv" --restock-amount 0 >/dev/null 2>&1 &
-UP=$!
-status() { "$QUIRE" status --json --data-dir "$TMP/store" 2>/dev/null; }
-for _ in $(seq 1 120); do
-  if status | jq -e '.servers | length == 13 and all(.ready)' >/dev/null 2>&1; then break; fi
-  sleep 0.5
-done
+. bench/lib.sh
+start_store "$BOOKS" 100000000
 EDGE=$(status | jq -r '.servers[] | select(.name == "edge") | .url')
 FRONTENDS=$(status | jq -r '.servers[] | select(.tier == "frontend") | .url')
 for i in $(seq 1 "$BOOKS"); do curl -sf "$EDGE/lookup/$i" >/dev/null; done

@@ -19,23 +19,8 @@ for tool in wrk jq curl perf; do
 done
 cargo build --release --bin quire 2>&1 | tail -1
 QUIRE=$PWD/target/release/quire
-TMP=$(mktemp -d)
-UP=""
-cleanup() {
-  [ -n "$UP" ] && kill "$UP" 2>/dev/null && wait "$UP" 2>/dev/null
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-{ echo "id,title,topic,price,stock"; for i in $(seq 1 1000); do echo "$i,Benchmark book $i,bench,10.00,100000000"; done; } > "$TMP/books.csv"
-"$QUIRE" up --data-dir "$TMP/store" --port 0 --catalog "$TMP/books.csv" --restock-amount 0 >/dev/null 2>&1 &
-UP=$!
-status() { "$QUIRE" status --json --data-dir "$TMP/store" 2>/dev/null; }
-for _ in $(seq 1 120); do
-  if status | jq -e '.servers | length == 13 and all(.ready)' >/dev/null 2>&1; then break; fi
-  sleep 0.5
-done
-status | jq -e '.servers | all(.ready)' >/dev/null || { echo "the store did not come up" >&2; exit 1; }
+. bench/lib.sh
+start_store 1000 100000000
 status > "$TMP/status.json"
 EDGE=$(jq -r '.servers[] | select(.name == "edge") | .url' "$TMP/status.json")
 pid_of() { jq -r --arg n "$1" '.servers[] | select(.name == $n) | .pid' "$TMP/status.json"; }

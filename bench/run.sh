@@ -19,33 +19,17 @@ done
 cargo build --release --bin quire --example bare_axum 2>&1 | tail -1
 # QUIRE chooses the binary under test (another build, to compare two in one sitting).
 QUIRE=${QUIRE:-$PWD/target/release/quire}
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+. bench/lib.sh
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # 1000 books with stock enough for every buy of the run.
-{ echo "id,title,topic,price,stock"; for i in $(seq 1 1000); do echo "$i,Benchmark book $i,bench,10.00,100000000"; done; } > "$TMP/books.csv"
-
-"$QUIRE" up --data-dir "$TMP/store" --port 0 --catalog "$TMP/books.csv" --restock-amount 0 >/dev/null 2>&1 &
-PIDS+=($!)
-status() { "$QUIRE" status --json --data-dir "$TMP/store" 2>/dev/null; }
-for _ in $(seq 1 120); do
-  if status | jq -e '.servers | length == 13 and all(.ready)' >/dev/null 2>&1; then break; fi
-  sleep 0.5
-done
-status | jq -e '.servers | all(.ready)' >/dev/null || { echo "the store did not come up" >&2; exit 1; }
+start_store 1000 100000000
 url_of() { status | jq -r --arg n "$1" '.servers[] | select(.name == $n) | .url'; }
 EDGE=$(url_of edge); FRONTEND=$(url_of frontend-1); CATALOG_BALANCER=$(url_of catalog-balancer-1)
 
 "$PWD/target/release/examples/bare_axum" "127.0.0.1:$(free_port)" > "$TMP/baseline.addr" &
-PIDS+=($!)
+also_stop $!
 for _ in $(seq 1 50); do [ -s "$TMP/baseline.addr" ] && break; sleep 0.1; done
 BASELINE="http://$(cat "$TMP/baseline.addr")"
 
@@ -92,7 +76,7 @@ for i in 1 2 3; do
     --listen-client-urls "http://127.0.0.1:${ETCD_CLIENT[$i]}" --advertise-client-urls "http://127.0.0.1:${ETCD_CLIENT[$i]}" \
     --listen-peer-urls "http://127.0.0.1:${!peer_var}" --initial-advertise-peer-urls "http://127.0.0.1:${!peer_var}" \
     --initial-cluster "${ETCD_CLUSTER%,}" --initial-cluster-state new >"$TMP/etcd$i.log" 2>&1 &
-  PIDS+=($!)
+  also_stop $!
 done
 ETCD="http://127.0.0.1:${ETCD_CLIENT[1]}"
 for _ in $(seq 1 100); do curl -sf "$ETCD/health" | grep -q true && break; sleep 0.2; done
