@@ -88,23 +88,22 @@ fn nft(script: &str) {
     assert!(child.wait().expect("nft").success(), "nft refused: {script}");
 }
 
-async fn store() -> TestStore {
-    TestStore::start(Options { distinct_hosts: true, ..Options::default() }).await
-}
-
-/// Shoppers through the edge and both frontends; a partition may leave reads unanswered.
-fn shoppers(t: &TestStore) -> Workload {
-    common::Shoppers { tolerate_unavailable: true, ..t.shoppers(4, 4) }.start()
+/// Every partition test's start: a store with an address per server, the namespace's
+/// firewall, and shoppers through the edge and both frontends (a partition may leave reads
+/// unanswered) that have done some work.
+async fn partitioned() -> (TestStore, Firewall, Workload) {
+    let t = TestStore::start(Options { distinct_hosts: true, ..Options::default() }).await;
+    let wall = Firewall::new();
+    let w = common::Shoppers { tolerate_unavailable: true, ..t.shoppers(4, 4) }.start();
+    w.progress(50, 10).await;
+    (t, wall, w)
 }
 
 /// The leader of `tier` loses its majority: the others elect a new one and writes go on;
 /// the old leader, still running, can neither commit nor confirm a read or a lease. Healed,
 /// it rejoins as a follower.
 async fn leader_cut_off_from_its_majority(tier: &str) {
-    let t = store().await;
-    let wall = Firewall::new();
-    let w = shoppers(&t);
-    w.progress(50, 10).await;
+    let (t, wall, w) = partitioned().await;
     let leader = t.leader(tier).await;
     let others = t.followers(tier).await;
     let cut = Instant::now();
@@ -149,10 +148,7 @@ fn a_frontend_cut_off_from_the_catalog() {
         return;
     }
     runtime().block_on(async {
-        let t = store().await;
-        let wall = Firewall::new();
-        let w = shoppers(&t);
-        w.progress(50, 10).await;
+        let (t, wall, w) = partitioned().await;
         let frontend = "frontend-1";
         let lease = |valid: bool| {
             let t = &t;
@@ -187,10 +183,7 @@ fn a_catalog_leader_cut_off_from_everyone() {
         return;
     }
     runtime().block_on(async {
-        let t = store().await;
-        let wall = Firewall::new();
-        let w = shoppers(&t);
-        w.progress(50, 10).await;
+        let (t, wall, w) = partitioned().await;
         let leader = t.leader("catalog").await;
         let everyone: Vec<String> =
             t.store.layout().servers.iter().filter(|s| s.name != leader).map(|s| t.host(&s.name)).collect();
