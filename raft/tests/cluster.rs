@@ -162,6 +162,24 @@ async fn get(node: &Node, k: &'static str) -> Option<String> {
         .unwrap()
 }
 
+/// Adds `fresh` (started from nothing) as a learner through whichever node leads (`nodes[l]`
+/// if none is seen: a loaded machine may change leaders meanwhile), and waits until it
+/// has installed a snapshot from the leader, the only way it can catch up.
+async fn joins_from_a_snapshot(nodes: &[Node], l: usize, fresh: &Node) {
+    let id = fresh.replica.id;
+    let start = Instant::now();
+    while let Err(e) =
+        nodes.iter().find(|n| n.replica.is_leader()).unwrap_or(&nodes[l]).replica.add_learner(id, &fresh.url).await
+    {
+        assert!(start.elapsed() < Duration::from_secs(20), "node {id} was never added: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_for(&format!("node {id} to install a snapshot from the leader"), Duration::from_secs(20), || {
+        (fresh.replica.installed_snapshot.load(std::sync::atomic::Ordering::Acquire) > 0).then_some(())
+    })
+    .await;
+}
+
 async fn digest(node: &Node) -> (u64, String) {
     node.replica.reads.digest(&["kv"]).await.unwrap()
 }
@@ -267,20 +285,8 @@ async fn new_member_gets_snapshot_and_replaces_a_voter() {
     let l = nodes.iter().position(|n| n.replica.id == leader).unwrap();
 
     let fresh = start_node(4, root.path().join("n4"), None).await;
-    // Through whichever node leads (a loaded machine may change leaders meanwhile).
-    let start = Instant::now();
-    while let Err(e) =
-        nodes.iter().find(|n| n.replica.is_leader()).unwrap_or(&nodes[l]).replica.add_learner(4, &fresh.url).await
-    {
-        assert!(start.elapsed() < Duration::from_secs(10), "node 4 was never added: {e}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    joins_from_a_snapshot(&nodes, l, &fresh).await;
     let l = nodes.iter().position(|n| n.replica.is_leader()).unwrap_or(l);
-    // The learner started from nothing: it can only have caught up through a snapshot.
-    wait_for("node 4 to install a snapshot from the leader", Duration::from_secs(10), || {
-        (fresh.replica.installed_snapshot.load(std::sync::atomic::Ordering::Acquire) > 0).then_some(())
-    })
-    .await;
     let voters = nodes.iter().map(|n| n.replica.id).chain([4]).collect();
     nodes[l].replica.change_voters(voters, false).await.unwrap();
     nodes.push(fresh);
@@ -314,17 +320,7 @@ async fn a_snapshot_of_many_chunks_reaches_a_new_learner() {
     })
     .await;
     let fresh = start_node(4, root.path().join("n4"), None).await;
-    let start = Instant::now();
-    while let Err(e) =
-        nodes.iter().find(|n| n.replica.is_leader()).unwrap_or(&nodes[l]).replica.add_learner(4, &fresh.url).await
-    {
-        assert!(start.elapsed() < Duration::from_secs(20), "node 4 was never added: {e}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    wait_for("node 4 to install a snapshot from the leader", Duration::from_secs(20), || {
-        (fresh.replica.installed_snapshot.load(std::sync::atomic::Ordering::Acquire) > 0).then_some(())
-    })
-    .await;
+    joins_from_a_snapshot(&nodes, l, &fresh).await;
     let size = std::fs::metadata(fresh.dir.join("snapshot.db")).map(|m| m.len()).unwrap_or(0);
     assert!(size > 3 * 1024 * 1024, "the snapshot node 4 received is {size} bytes: more than three chunks expected");
     let mut all: Vec<&Node> = nodes.iter().collect();
