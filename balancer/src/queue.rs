@@ -63,6 +63,23 @@ impl Want {
     fn allows(&self, backend: &Backend) -> bool {
         self.only.as_ref().is_none_or(|u| *u == backend.url) && !self.avoid.contains(&backend.url)
     }
+
+    /// Whether this request may wait in the queue, given the tier's backends: for one it
+    /// allows to be in rotation with a free slot. A request for any backend waits while some
+    /// backend it allows is registered, even out of rotation: a tier whose every backend just
+    /// left rotation (restarting, or missing beats on a loaded machine) is most likely back
+    /// before the request's deadline, and the heartbeat round that brings one back
+    /// dispatches the queue. A request for one named backend (a hinted leader) waits only
+    /// while that one is in rotation; otherwise any other will do at once.
+    fn may_wait(&self, backends: &[Arc<Backend>]) -> bool {
+        let rotation_required = self.only.is_some();
+        backends.iter().any(|b| self.allows(b) && (b.in_rotation() || !rotation_required))
+    }
+
+    /// Whether some backend this request may use is in rotation now.
+    fn has_live(&self, backends: &[Arc<Backend>]) -> bool {
+        backends.iter().any(|b| b.in_rotation() && self.allows(b))
+    }
 }
 
 type Grant = Result<Slot, ApiError>;
@@ -121,11 +138,12 @@ impl Queue {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits for a slot on a backend `want` allows; `Ok(None)` at once if no such backend is
-    /// in rotation. `retry` puts the request at the front of the queue.
+    /// Waits for a slot on a backend `want` allows; `Ok(None)` at once if it may not wait
+    /// (see [`Want::may_wait`]). `retry` puts the request at the front of the queue.
     ///
-    /// Fails with 503 `dropped` when the deadline can no longer be met while waiting, and with
-    /// 503 `unavailable` after [`WAIT_CAP`].
+    /// Fails with 503 `dropped` when the deadline can no longer be met while waiting for a
+    /// slot, and with 503 `unavailable` when no backend it may use came into rotation in time
+    /// or after [`WAIT_CAP`].
     pub(crate) async fn acquire(
         self: &Arc<Self>,
         want: Want,
@@ -137,7 +155,7 @@ impl Queue {
         let id = {
             let mut waiting = self.lock();
             let backends = self.registry.snapshot();
-            if !backends.iter().any(|b| b.in_rotation() && want.allows(b)) {
+            if !want.may_wait(&backends) {
                 return Ok(None);
             }
             let id = waiting.next_id;
@@ -176,13 +194,17 @@ impl Queue {
     /// Takes waiter `id` out of the queue if it can no longer meet its deadline or has waited
     /// [`WAIT_CAP`]; `None` if it may wait on, or was just granted (the grant is in its channel).
     fn give_up(&self, id: u64, deadline: Option<Deadline>, queued: Instant) -> Option<ApiError> {
+        let backends = self.registry.snapshot();
         let mut waiting = self.lock();
         let at = waiting.waiters.iter().position(|w| w.id == id)?;
         let error = if self.hopeless(deadline) {
-            self.pre_drops.fetch_add(1, Ordering::Relaxed);
-            dropped()
+            self.give_up_hopeless(&waiting.waiters[at].want, &backends)
         } else if queued.elapsed() >= WAIT_CAP {
-            ApiError::unavailable("no worker slot of this tier freed up in time")
+            if waiting.waiters[at].want.has_live(&backends) {
+                ApiError::unavailable("no worker slot of this tier freed up in time")
+            } else {
+                no_backend_in_rotation()
+            }
         } else {
             return None;
         };
@@ -192,6 +214,18 @@ impl Queue {
 
     fn hopeless(&self, deadline: Option<Deadline>) -> bool {
         deadline.is_some_and(|d| d.remaining() < self.service.estimate())
+    }
+
+    /// The error for a waiter that can no longer meet its deadline: `dropped` (a pre-drop,
+    /// counted) if it waited for a busy backend's slot; `unavailable` if no backend it may use
+    /// was in rotation at all.
+    fn give_up_hopeless(&self, want: &Want, backends: &[Arc<Backend>]) -> ApiError {
+        if want.has_live(backends) {
+            self.pre_drops.fetch_add(1, Ordering::Relaxed);
+            dropped()
+        } else {
+            no_backend_in_rotation()
+        }
     }
 
     /// Hands free slots to waiters and drops the hopeless ones; see the module docs.
@@ -223,8 +257,8 @@ impl Queue {
                 free = live.iter().any(|b| b.has_free_slot());
             } else if self.hopeless(deadline) {
                 let Some(waiter) = waiting.waiters.remove(i) else { break };
-                self.pre_drops.fetch_add(1, Ordering::Relaxed);
-                let _ = waiter.grant.send(Err(dropped()));
+                let error = self.give_up_hopeless(&waiter.want, backends);
+                let _ = waiter.grant.send(Err(error));
             } else {
                 i += 1;
             }
@@ -267,6 +301,10 @@ fn pick(live: &[&Arc<Backend>], want: &Want, turn: usize) -> Option<usize> {
         let backend = live[k % n];
         want.allows(backend) && backend.has_free_slot()
     })
+}
+
+fn no_backend_in_rotation() -> ApiError {
+    ApiError::unavailable("no backend of this tier came into rotation in time")
 }
 
 fn dropped() -> ApiError {

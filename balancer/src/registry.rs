@@ -14,6 +14,9 @@ use quire_common::status::{Role, ServerStatus};
 use serde_json::json;
 use tracing::info;
 
+/// Heartbeats in a row a backend may miss (time out, or answer garbage) and stay in rotation.
+pub(crate) const MISSES: u32 = 3;
+
 /// One backend: a frontend (edge tier) or a replica (catalog and order tiers).
 pub struct Backend {
     /// Base URL without a trailing slash; the registry's key.
@@ -32,11 +35,36 @@ pub struct Backend {
     beat: Mutex<Beat>,
 }
 
+/// How one heartbeat went.
+// Made once per beat and moved once, into `record`: boxing the status would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
+enum BeatOutcome {
+    /// The backend answered with its status.
+    Answered(ServerStatus),
+    /// Its port refused the connection.
+    Refused,
+    /// It timed out, failed midway, or answered something that is not a status.
+    Missed,
+}
+
+impl From<Result<ServerStatus, reqwest::Error>> for BeatOutcome {
+    fn from(beat: Result<ServerStatus, reqwest::Error>) -> Self {
+        match beat {
+            Ok(status) => BeatOutcome::Answered(status),
+            Err(e) if e.is_connect() => BeatOutcome::Refused,
+            Err(_) => BeatOutcome::Missed,
+        }
+    }
+}
+
 /// What the heartbeats last learned.
 #[derive(Default)]
 struct Beat {
     /// When a beat last succeeded; `None` until the first one.
     last_ok: Option<Instant>,
+    /// Beats in a row that failed without a refused connection (timed out, garbled).
+    misses: u32,
     /// The last status received; kept after failures for `/status`, but only an in-rotation
     /// backend's status counts for leader election.
     status: Option<ServerStatus>,
@@ -93,15 +121,15 @@ impl Backend {
         self.beat.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records one heartbeat's outcome; `silence` is how long a backend may go without a
-    /// successful beat before it leaves rotation.
-    fn record(&self, outcome: Result<ServerStatus, reqwest::Error>, silence: Duration) {
-        let now = Instant::now();
+    /// Records one heartbeat's outcome. A backend leaves rotation at once when its port
+    /// refuses connections, and after [`MISSES`] failed beats in a row otherwise.
+    fn record(&self, outcome: BeatOutcome) {
         let change = {
             let mut beat = self.beat();
             match outcome {
-                Ok(status) => {
-                    beat.last_ok = Some(now);
+                BeatOutcome::Answered(status) => {
+                    beat.last_ok = Some(Instant::now());
+                    beat.misses = 0;
                     let ready = status.ready;
                     // A server with slots has at least one, as `capacity::Workers` counts them.
                     self.slots.store(status.slots.map_or(0, |n| n.max(1)), Ordering::Relaxed);
@@ -110,13 +138,15 @@ impl Backend {
                     Some((ready, if ready { "ready" } else { "not ready" }))
                 }
                 // Nothing listens: the process is gone, no point waiting for more beats.
-                Err(e) if e.is_connect() => Some((false, "connection refused")),
-                // A slow or garbled beat is tolerated until the silence runs out; it never
-                // brings a backend back.
-                Err(_) => match beat.last_ok {
-                    Some(t) if now.duration_since(t) < silence => None,
-                    _ => Some((false, "no successful heartbeat")),
-                },
+                BeatOutcome::Refused => Some((false, "connection refused")),
+                // A slow or garbled beat is tolerated a few times in a row; it never brings a
+                // backend back. Counted in beats, not in time since the last good one: when
+                // this balancer itself stalls (a loaded machine), the beats in flight all time
+                // out at once, and that is one miss per backend, not a silence of every one.
+                BeatOutcome::Missed => {
+                    beat.misses += 1;
+                    (beat.last_ok.is_none() || beat.misses >= MISSES).then_some((false, "no successful heartbeat"))
+                }
             }
         };
         if let Some((on, why)) = change {
@@ -231,8 +261,8 @@ impl Registry {
 /// rotation or reported more slots.
 ///
 /// A beat times out after 9/10 of the period so that a round never overlaps the next; a
-/// backend silent for 2.5 periods leaves rotation, so with the default 100 ms a dead backend
-/// is out within 300 ms even when its port still accepts connections.
+/// backend that misses [`MISSES`] beats in a row leaves rotation, so with the default 100 ms
+/// a dead backend is out within 300 ms even when its port still accepts connections.
 pub async fn heartbeats(
     registry: Arc<Registry>,
     client: reqwest::Client,
@@ -240,7 +270,6 @@ pub async fn heartbeats(
     after_round: impl Fn() + Send + 'static,
 ) {
     let timeout = period * 9 / 10;
-    let silence = period * 5 / 2;
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -251,10 +280,53 @@ pub async fn heartbeats(
                 let response = client.get(format!("{}/status", backend.url)).timeout(timeout).send().await?;
                 response.error_for_status()?.json::<ServerStatus>().await
             };
-            backend.record(outcome.await, silence);
+            backend.record(outcome.await.into());
         }))
         .await;
         registry.elect_leader();
         after_round();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready() -> BeatOutcome {
+        BeatOutcome::Answered(ServerStatus { ready: true, ..ServerStatus::default() })
+    }
+
+    #[test]
+    fn a_backend_leaves_rotation_after_missed_beats_in_a_row_not_after_a_silence() {
+        let backend = Backend::new("http://b".into());
+        backend.record(ready());
+        assert!(backend.in_rotation());
+        // The last good beat was long ago (this balancer stalled): one miss is not enough.
+        backend.beat().last_ok = Instant::now().checked_sub(Duration::from_secs(5));
+        backend.record(BeatOutcome::Missed);
+        assert!(backend.in_rotation(), "one missed beat after a stall keeps the backend");
+        backend.record(ready());
+        for missed in 1..MISSES {
+            backend.record(BeatOutcome::Missed);
+            assert!(backend.in_rotation(), "{missed} missed beats in a row keep the backend");
+        }
+        backend.record(BeatOutcome::Missed);
+        assert!(!backend.in_rotation(), "{MISSES} missed beats in a row take it out");
+        // A miss never brings it back; an answer does.
+        backend.record(BeatOutcome::Missed);
+        assert!(!backend.in_rotation());
+        backend.record(ready());
+        assert!(backend.in_rotation());
+        backend.record(BeatOutcome::Refused);
+        assert!(!backend.in_rotation(), "a refused connection takes it out at once");
+    }
+
+    #[test]
+    fn a_backend_that_never_answered_stays_out() {
+        let backend = Backend::new("http://b".into());
+        backend.record(BeatOutcome::Missed);
+        assert!(!backend.in_rotation());
+        backend.record(BeatOutcome::Answered(ServerStatus { ready: false, ..ServerStatus::default() }));
+        assert!(!backend.in_rotation(), "answering but not ready");
     }
 }

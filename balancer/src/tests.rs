@@ -249,19 +249,41 @@ async fn beats_decide_rotation() {
 
     b.knobs.ready.store(false, Ordering::SeqCst);
     wait_for(&balancer, "a out (not ready)", |s| rotation(s).is_empty() && s["ready"] == false).await;
-    let (code, _) = send(reqwest::Client::new().get(format!("{balancer}/x"))).await;
-    assert_eq!(code, 503, "nothing in rotation");
+    let short = Deadline::after(Duration::from_millis(300)).header_value();
+    let answer = reqwest::Client::new().get(format!("{balancer}/x")).header(headers::DEADLINE, short).send().await;
+    let answer = answer.unwrap();
+    assert_eq!(answer.status(), 503, "nothing came into rotation before the deadline");
+    assert_eq!(answer.json::<Value>().await.unwrap()["error"], "unavailable");
+    assert_eq!(b.hits(), 0);
     b.knobs.ready.store(true, Ordering::SeqCst);
     wait_for(&balancer, "a back", |s| rotation(s).contains(&b.url)).await;
 
-    // Alive but silent: out once 250 ms pass without a beat, noticed when a 90 ms beat times
-    // out, so nominally within 290 ms (a figure: a loaded machine is slower).
+    // Alive but silent: out after three missed beats in a row, each noticed when its 90 ms
+    // times out, so nominally within 290 ms (a figure: a loaded machine is slower).
     let muted_at = Instant::now();
     b.knobs.mute.store(true, Ordering::SeqCst);
     wait_for(&balancer, "a out (silent)", |s| rotation(s).is_empty()).await;
     eprintln!("the silent backend left the rotation {:?} after it went silent", muted_at.elapsed());
     b.knobs.mute.store(false, Ordering::SeqCst);
     wait_for(&balancer, "a back", |s| rotation(s).contains(&b.url)).await;
+}
+
+#[tokio::test]
+async fn work_waits_for_a_backend_to_come_back_into_rotation() {
+    let b = TestBackend::start("a", Role::Follower).await;
+    let balancer = start_balancer(Tier::Edge, &[&b]).await;
+    wait_for(&balancer, "a in rotation", |s| rotation(s).contains(&b.url)).await;
+    b.knobs.ready.store(false, Ordering::SeqCst);
+    wait_for(&balancer, "a out (not ready)", |s| rotation(s).is_empty()).await;
+
+    // Sent while the tier has nothing in rotation: it waits in the queue, not failing at once.
+    let deadline = Deadline::after(Duration::from_secs(20)).header_value();
+    let request = reqwest::Client::new().get(format!("{balancer}/lookup/1")).header(headers::DEADLINE, deadline);
+    let sent = tokio::spawn(send(request));
+    wait_for(&balancer, "the request queued", |s| s["details"]["queue_len"].as_u64() >= Some(1)).await;
+    assert!(!sent.is_finished() && b.hits() == 0, "the request waits");
+    b.knobs.ready.store(true, Ordering::SeqCst);
+    assert_eq!(sent.await.unwrap(), (200, b.url.clone()), "served once the backend is back");
 }
 
 #[tokio::test]

@@ -545,7 +545,11 @@ impl Recorder {
         let op = Op { client, call, sent, answered: self.now(), outcome };
         let mut report = self.report.lock().expect("report");
         if let Some(problem) = problem {
-            report.violations.push(format!("{problem} at +{:.1?}", op.sent));
+            report.violations.push(format!(
+                "{problem} at +{:.1?}, answered after {:.2?}",
+                op.sent,
+                op.answered - op.sent
+            ));
         }
         report.history.push(op);
     }
