@@ -354,6 +354,7 @@ async fn metrics(State(b): State<Balancer>) -> Response {
     for (name, help, value) in gauges {
         text += &format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n");
     }
+    text += &quire_common::timings::prometheus(&format!("server=\"{}\"", b.name));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -25,7 +25,7 @@ use quire_common::api::MAX_BODY_BYTES;
 use quire_common::client::ATTEMPT_TIMEOUT;
 use quire_common::error::ErrorBody;
 use quire_common::{headers, ApiError, Deadline};
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
 use crate::queue::{Slot, Want};
 use crate::{Balancer, Tier};
@@ -84,7 +84,9 @@ pub async fn forward(balancer: Balancer, request: Request) -> Response {
     if work {
         balancer.samples.arrived();
     }
-    match attempt_all(&balancer, request, work).await {
+    let kind = if work { "work" } else { "write" };
+    let span = tracing::info_span!("forward", hop = %format_args!("{} {kind}", balancer.tier));
+    match attempt_all(&balancer, request, work).instrument(span).await {
         Ok(served) => {
             if served.dropped {
                 balancer.samples.after_dropped();
@@ -241,7 +243,8 @@ impl<'a> Route<'a> {
             return Ok(None);
         }
         let retry = !tried.is_empty();
-        let slot = queue.acquire(Want::any_but(tried), self.deadline, retry).await?;
+        let waiting = queue.acquire(Want::any_but(tried), self.deadline, retry);
+        let slot = waiting.instrument(tracing::info_span!("queue")).await?;
         Ok(slot.map(|slot| (slot.url().to_string(), Some(slot))))
     }
 }

@@ -12,6 +12,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use rusqlite::OptionalExtension;
 use serde::Deserialize;
+use tracing::Instrument;
 
 use quire_common::api::*;
 use quire_common::http::{guarded, Json, Token};
@@ -263,7 +264,8 @@ impl Catalog {
             )
         };
         let log = self.replica.metrics().last_log_index.unwrap_or(0);
-        let hold = match tokio::time::timeout(deadline.remaining(), self.leases.hold(item, term, log)).await {
+        let holding = self.leases.hold(item, term, log).instrument(tracing::info_span!("hold"));
+        let hold = match tokio::time::timeout(deadline.remaining(), holding).await {
             Ok(Ok(hold)) => hold,
             Ok(Err(_)) => return Err(ApiError::not_leader(self.replica.leader().map(|(_, url)| url))),
             // Nothing was proposed: the hold is released as it drops.

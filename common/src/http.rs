@@ -52,6 +52,16 @@ pub fn finish(router: Router) -> Router {
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(timed))
+}
+
+/// Runs every request in a `serve` span named by its method and route (see
+/// [`crate::timings`]).
+async fn timed(request: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    let route = request.extensions().get::<axum::extract::MatchedPath>().map_or("(no route)", |p| p.as_str());
+    let span = tracing::info_span!("serve", hop = %format_args!("{} {route}", request.method()));
+    next.run(request).instrument(span).await
 }
 
 /// Turns axum's plain-text rejections (405, 413, 415, 400 on bad paths) into the documented

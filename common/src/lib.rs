@@ -14,6 +14,7 @@
 //! - [`client`]: the shared `reqwest` client and a typed call helper.
 //! - [`status`]: the `/status` body every server serves.
 //! - [`telemetry`]: tracing to stderr and to a per-server file.
+//! - [`timings`]: every span timed and summed by name, for `/metrics`.
 //! - [`shutdown`]: the Ctrl-C / SIGTERM future handed to every `run`.
 
 pub mod announce;
@@ -30,6 +31,7 @@ pub mod samples;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
+pub mod timings;
 
 pub use deadline::Deadline;
 pub use error::ApiError;

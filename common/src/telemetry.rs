@@ -1,4 +1,5 @@
-//! Tracing to stderr and to the server's own log file.
+//! Tracing to stderr and to the server's own log file, and the span timings of
+//! [`crate::timings`].
 
 use std::path::Path;
 
@@ -26,7 +27,12 @@ pub fn init(name: &str, log_file: Option<&Path>) -> anyhow::Result<Option<Worker
         }
         None => (None, None),
     };
-    tracing_subscriber::registry().with(filter).with(stderr).with(file_layer).try_init()?;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(crate::timings::Timings)
+        .with(stderr)
+        .with(file_layer)
+        .try_init()?;
     // Panics (ours or a library's task) go to the log file too, not only to stderr.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {

@@ -306,11 +306,12 @@ async fn ready(State(f): State<Frontend>) -> Response {
 async fn metrics(State(f): State<Frontend>) -> String {
     let c = &f.inner.cache;
     let l = format!("server=\"{}\"", f.inner.name);
+    let spans = quire_common::timings::prometheus(&l);
     format!(
         "# TYPE quire_cache_hits_total counter\nquire_cache_hits_total{{{l}}} {}\n\
          # TYPE quire_cache_misses_total counter\nquire_cache_misses_total{{{l}}} {}\n\
          # TYPE quire_cache_flushes_total counter\nquire_cache_flushes_total{{{l}}} {}\n\
-         # TYPE quire_cache_lease_valid gauge\nquire_cache_lease_valid{{{l}}} {}\n",
+         # TYPE quire_cache_lease_valid gauge\nquire_cache_lease_valid{{{l}}} {}\n{spans}",
         c.hits.load(Ordering::Relaxed),
         c.misses.load(Ordering::Relaxed),
         c.flushes.load(Ordering::Relaxed),

@@ -11,6 +11,7 @@ use quire_common::api::{Decrement, DecrementResult, Order, OrderState, PlaceOrde
 use quire_common::client::{call, CallError, ATTEMPT_TIMEOUT};
 use quire_common::{headers, ApiError, Deadline};
 use quire_raft::Replica;
+use tracing::Instrument;
 
 use crate::machine::{Command, ORDER_COLUMNS};
 
@@ -51,7 +52,7 @@ impl Shop {
             .header(headers::FORWARDED, "1")
             .timeout(deadline.remaining().max(Duration::from_millis(1)))
             .json(req);
-        match call::<Receipt>(request).await {
+        match call::<Receipt>(request).instrument(tracing::info_span!("order.forward")).await {
             Ok(receipt) => Ok(receipt),
             Err(CallError::Api(e)) => Err(e),
             Err(CallError::Unreachable(e)) => {
@@ -106,7 +107,8 @@ impl Shop {
                 .header(headers::DEADLINE, deadline.header_value())
                 .timeout(deadline.remaining().clamp(Duration::from_millis(1), ATTEMPT_TIMEOUT))
                 .json(&body);
-            let error = match call::<DecrementResult>(request).await {
+            let error = match call::<DecrementResult>(request).instrument(tracing::info_span!("order.decrement")).await
+            {
                 Ok(result) => return Ok(result),
                 Err(CallError::Api(e))
                     if !matches!(e.code, "unavailable" | "not_leader" | "deadline_exceeded" | "dropped") =>

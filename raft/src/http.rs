@@ -327,10 +327,11 @@ async fn prometheus(State((r, identity)): StatusState) -> String {
         "# TYPE quire_raft_term gauge\nquire_raft_term{{{labels}}} {}\n\
          # TYPE quire_raft_applied_index gauge\nquire_raft_applied_index{{{labels}}} {}\n\
          # TYPE quire_raft_last_log_index gauge\nquire_raft_last_log_index{{{labels}}} {}\n\
-         # TYPE quire_raft_is_leader gauge\nquire_raft_is_leader{{{labels}}} {}\n",
+         # TYPE quire_raft_is_leader gauge\nquire_raft_is_leader{{{labels}}} {}\n{}",
         m.current_term,
         m.last_applied.map_or(0, |l| l.index),
         m.last_log_index.unwrap_or(0),
         u8::from(r.is_leader()),
+        quire_common::timings::prometheus(&labels),
     )
 }

@@ -262,6 +262,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        // Timed from here until openraft learns the entries are durable (`crate::timings`).
+        let timing = tracing::info_span!("raft.append");
         let rows = entries
             .into_iter()
             .map(|e| Ok((e.get_log_id().index as i64, serde_json::to_string(&e).map_err(io_err)?)))
@@ -281,6 +283,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .await;
         // The commit above is durable (synchronous = FULL): only now may openraft rely on it.
         callback.log_io_completed(result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+        drop(timing);
         result
     }
 

@@ -95,6 +95,8 @@ impl Peer {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
+        // Timed until the answer is decoded (`quire_common::timings`).
+        let _timing = tracing::info_span!("raft.send", hop = route);
         let mut request = self
             .client
             .post(format!("{}/raft/{route}", self.addr))

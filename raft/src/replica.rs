@@ -430,9 +430,11 @@ impl Replica {
     /// replica that stopped leading meanwhile still applies it once it is committed) or is
     /// known never to be.
     pub async fn propose(&self, command: serde_json::Value) -> Result<Applied, WriteError> {
+        use tracing::Instrument;
         // An emulated DB write is latency, not a lock: writes overlap freely.
         self.workers.write_latency().await;
-        match self.raft.client_write(command).await {
+        let written = self.raft.client_write(command).instrument(tracing::info_span!("raft.write")).await;
+        match written {
             Ok(response) if response.data["error"] == "stale_term" => Err(WriteError::StaleTerm),
             Ok(response) if response.data["error"] == "rejected" => {
                 Err(WriteError::Rejected(response.data["message"].as_str().unwrap_or_default().to_string()))
@@ -451,6 +453,7 @@ impl Replica {
     /// Waits until a read that starts now would observe every write acknowledged before
     /// it: fetches the read index (leader confirmation) and waits to apply up to it.
     pub async fn read_barrier(&self, deadline: Deadline) -> Result<(), ApiError> {
+        use tracing::Instrument;
         let wait = async {
             let index = self.read_index.get().await.map_err(|e| {
                 tracing::debug!(error = %e, "read index unavailable");
@@ -465,17 +468,18 @@ impl Replica {
             }
             Ok(())
         };
-        tokio::time::timeout(deadline.remaining(), wait)
+        tokio::time::timeout(deadline.remaining(), wait.instrument(tracing::info_span!("read_barrier")))
             .await
             .map_err(|_| ApiError::deadline_exceeded("the read could not be confirmed in time"))?
     }
 
     /// One round of the read index: as leader confirm with a quorum, else ask the leader.
     async fn confirm_read_index(&self) -> Result<u64, ReadIndexError> {
+        use tracing::Instrument;
         let (leader_id, leader_url) = self.leader().ok_or(ReadIndexError::NoLeader)?;
         if leader_id == self.id {
-            let (read_log_id, _applied) =
-                self.raft.get_read_log_id().await.map_err(|e| ReadIndexError::Unconfirmed(e.to_string()))?;
+            let confirmed = self.raft.get_read_log_id().instrument(tracing::info_span!("raft.read_index")).await;
+            let (read_log_id, _applied) = confirmed.map_err(|e| ReadIndexError::Unconfirmed(e.to_string()))?;
             return Ok(read_log_id.map_or(0, |l| l.index));
         }
         let request = self
@@ -487,7 +491,10 @@ impl Replica {
             // Short: while the leader is frozen or cut off, readers should learn it soon
             // enough to retry elsewhere (or after the election) within their deadline.
             .timeout(Duration::from_millis(500));
-        match call::<ReadIndexAnswer>(request).await {
+        match call::<ReadIndexAnswer>(request)
+            .instrument(tracing::info_span!("raft.read_index", hop = "from the leader"))
+            .await
+        {
             Ok(answer) => Ok(answer.index),
             Err(e @ (CallError::Unreachable(_) | CallError::Unknown(_) | CallError::Api(_))) => {
                 Err(ReadIndexError::Unconfirmed(e.to_string()))

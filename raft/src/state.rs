@@ -367,8 +367,10 @@ impl RaftStateMachine<TypeConfig> for StateStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + openraft::OptionalSend,
         I::IntoIter: openraft::OptionalSend,
     {
+        use tracing::Instrument;
         let entries: Vec<_> = entries.into_iter().collect();
-        self.with_conn(move |conn, machine| apply_batch(conn, machine, entries)).await
+        let span = tracing::info_span!("raft.apply");
+        self.with_conn(move |conn, machine| apply_batch(conn, machine, entries)).instrument(span).await
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
