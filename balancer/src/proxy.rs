@@ -127,7 +127,16 @@ async fn attempt_all(balancer: &Balancer, request: Request, work: bool) -> Resul
     // A write sent to a backend that then went silent may have been carried out: if no
     // later attempt answers, the outcome is unknown, never "unavailable".
     let mut maybe_delivered = false;
-    while let Some((target, slot)) = route.next(&tried).await? {
+    // Once an attempt may have been carried out, no later refusal may tell the client
+    // nothing was done: `dropped`, `unavailable` or a queue's refusal become "unknown".
+    let unknown = || {
+        ApiError::deadline_exceeded(
+            "no backend confirmed the write; its outcome is unknown (retry with the same Idempotency-Key)",
+        )
+    };
+    while let Some((target, slot)) =
+        route.next(&tried).await.map_err(|e| if maybe_delivered { unknown() } else { e })?
+    {
         if !tried.is_empty() {
             balancer.stats.count(&balancer.stats.retries);
         }
@@ -161,6 +170,9 @@ async fn attempt_all(balancer: &Balancer, request: Request, work: bool) -> Resul
                 }
                 // The backend could not finish it in time; neither could another: pass it on.
                 if is_dropped(&answer) {
+                    if maybe_delivered {
+                        return Err(unknown());
+                    }
                     return Ok(Served { response: answer.into_response(target), took, dropped: true });
                 }
                 let overloaded = matches!(answer.status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE);
@@ -191,9 +203,7 @@ async fn attempt_all(balancer: &Balancer, request: Request, work: bool) -> Resul
         }
     }
     if maybe_delivered {
-        return Err(ApiError::deadline_exceeded(
-            "no backend confirmed the write; its outcome is unknown (retry with the same Idempotency-Key)",
-        ));
+        return Err(unknown());
     }
     Err(ApiError::unavailable("no backend of this tier could serve the request"))
 }

@@ -29,6 +29,8 @@ struct Knobs {
     hang: AtomicBool,
     /// Never answer beats: alive but silent.
     mute: AtomicBool,
+    /// Refuse every forwarded request with 503 `dropped`, as a backend out of time would.
+    refuse: AtomicBool,
     /// Forwarded requests received (beats excluded).
     hits: AtomicUsize,
     /// Worker slots reported in `/status`; 0 reports none (unlimited).
@@ -60,6 +62,7 @@ impl TestBackend {
             hint: Mutex::new(None),
             hang: AtomicBool::new(false),
             mute: AtomicBool::new(false),
+            refuse: AtomicBool::new(false),
             hits: AtomicUsize::new(0),
             slots: AtomicU32::new(0),
             work_ms: AtomicU64::new(0),
@@ -97,7 +100,7 @@ impl TestBackend {
                     if method != Method::GET && !buy && *k.role.lock().unwrap() != Role::Leader {
                         return ApiError::not_leader(hint).into_response();
                     }
-                    if headers.contains_key(REFUSE) {
+                    if headers.contains_key(REFUSE) || k.refuse.load(Ordering::SeqCst) {
                         return ApiError::dropped("cannot finish in time").into_response();
                     }
                     if k.hang.load(Ordering::SeqCst) {
@@ -376,6 +379,39 @@ async fn hung_write_without_key_is_not_retried() {
     assert_eq!(body["error"], "deadline_exceeded");
     assert!(body["message"].as_str().unwrap().contains("unknown"), "{body}");
     assert_eq!(leader.hits() + follower.hits(), 1);
+}
+
+#[tokio::test]
+async fn a_drop_after_an_unanswered_attempt_is_an_unknown_outcome() {
+    // A buy's first attempt goes silent (it may have been carried out); the retry is refused
+    // as `dropped`. "Dropped" tells the client nothing was done, so it must not be passed on.
+    let silent = TestBackend::start("silent", Role::Follower).await;
+    let refusing = TestBackend::start("refusing", Role::Follower).await;
+    silent.knobs.hang.store(true, Ordering::SeqCst);
+    refusing.knobs.refuse.store(true, Ordering::SeqCst);
+    let balancer = start_balancer(Tier::Order, &[&silent, &refusing]).await;
+    wait_for(&balancer, "2 in rotation", |s| rotation(s).len() == 2).await;
+    let client = reqwest::Client::new();
+    // Round robin: at least one of two buys goes to the silent replica first.
+    for n in 0..2 {
+        let tried_silent = silent.hits();
+        let response = client
+            .post(format!("{balancer}/orders"))
+            .header(headers::IDEMPOTENCY_KEY, format!("k{n}"))
+            .header(headers::DEADLINE, Deadline::after(Duration::from_secs(3)).header_value())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        if silent.hits() > tried_silent {
+            assert_eq!((status, body["error"].as_str()), (504, Some("deadline_exceeded")), "{body}");
+            assert!(body["message"].as_str().unwrap().contains("unknown"), "{body}");
+        } else {
+            assert_eq!((status, body["error"].as_str()), (503, Some("dropped")), "nothing was delivered: {body}");
+        }
+    }
+    assert!(silent.hits() >= 1, "no buy tried the silent replica");
 }
 
 /// Two replicas of one slot each, `work_ms` per request, behind a catalog balancer that knows
