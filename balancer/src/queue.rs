@@ -65,14 +65,17 @@ impl Want {
     }
 
     /// Whether this request may wait in the queue, given the tier's backends: for one it
-    /// allows to be in rotation with a free slot. A request for any backend waits while some
-    /// backend it allows is registered, even out of rotation: a tier whose every backend just
-    /// left rotation (restarting, or missing beats on a loaded machine) is most likely back
-    /// before the request's deadline, and the heartbeat round that brings one back
-    /// dispatches the queue. A request for one named backend (a hinted leader) waits only
-    /// while that one is in rotation; otherwise any other will do at once.
+    /// allows to be in rotation with a free slot. A first attempt waits while some backend
+    /// is registered, even out of rotation: a tier whose every backend just left rotation
+    /// (restarting, or missing beats on a loaded machine) is most likely back before the
+    /// request's deadline, and the heartbeat round that brings one back dispatches the
+    /// queue. A retry (some backends tried) or a request for one named backend (a hinted
+    /// leader) waits only while a backend it allows is in rotation: otherwise it fails at
+    /// once and its sender retries from the start, when the backends it tried may serve it
+    /// again (it must not wait for an untried one that is dead, say a killed leader, while
+    /// the ones it tried come back).
     fn may_wait(&self, backends: &[Arc<Backend>]) -> bool {
-        let rotation_required = self.only.is_some();
+        let rotation_required = self.only.is_some() || !self.avoid.is_empty();
         backends.iter().any(|b| self.allows(b) && (b.in_rotation() || !rotation_required))
     }
 

@@ -31,6 +31,8 @@ struct Knobs {
     mute: AtomicBool,
     /// Refuse every forwarded request with 503 `dropped`, as a backend out of time would.
     refuse: AtomicBool,
+    /// Answer every forwarded request 503 `unavailable`, as a replica whose leader is gone.
+    unavailable: AtomicBool,
     /// Forwarded requests received (beats excluded).
     hits: AtomicUsize,
     /// Worker slots reported in `/status`; 0 reports none (unlimited).
@@ -63,6 +65,7 @@ impl TestBackend {
             hang: AtomicBool::new(false),
             mute: AtomicBool::new(false),
             refuse: AtomicBool::new(false),
+            unavailable: AtomicBool::new(false),
             hits: AtomicUsize::new(0),
             slots: AtomicU32::new(0),
             work_ms: AtomicU64::new(0),
@@ -102,6 +105,9 @@ impl TestBackend {
                     }
                     if headers.contains_key(REFUSE) || k.refuse.load(Ordering::SeqCst) {
                         return ApiError::dropped("cannot finish in time").into_response();
+                    }
+                    if k.unavailable.load(Ordering::SeqCst) {
+                        return ApiError::unavailable("the group has no leader right now").into_response();
                     }
                     if k.hang.load(Ordering::SeqCst) {
                         std::future::pending::<()>().await;
@@ -412,6 +418,33 @@ async fn a_drop_after_an_unanswered_attempt_is_an_unknown_outcome() {
         }
     }
     assert!(silent.hits() >= 1, "no buy tried the silent replica");
+}
+
+#[tokio::test]
+async fn a_retry_does_not_wait_for_a_dead_backend() {
+    // A group's leader is killed: the balancer takes it out of rotation, and the followers
+    // answer buys 503 `unavailable` until a new leader is elected. A buy that has tried both
+    // followers must come back at once (its sender retries from the start, when the
+    // followers may serve it), not wait in the queue for the dead one until its deadline.
+    let mut dead = TestBackend::start("dead", Role::Leader).await;
+    let f: Vec<_> = futures::future::join_all(["f1", "f2"].map(|n| TestBackend::start(n, Role::Follower))).await;
+    for follower in &f {
+        follower.knobs.unavailable.store(true, Ordering::SeqCst);
+    }
+    let balancer = start_balancer(Tier::Order, &[&dead, &f[0], &f[1]]).await;
+    wait_for(&balancer, "3 in rotation", |s| rotation(s).len() == 3).await;
+    dead.kill();
+    wait_for(&balancer, "the dead one out", |s| rotation(s).len() == 2).await;
+    let request = reqwest::Client::new()
+        .post(format!("{balancer}/orders"))
+        .header(headers::IDEMPOTENCY_KEY, "k")
+        .header(headers::DEADLINE, Deadline::after(Duration::from_secs(30)).header_value());
+    // Far short of the deadline: only a request waiting for it would take this long.
+    let answer = tokio::time::timeout(Duration::from_secs(10), request.send()).await;
+    let response = answer.expect("the retry waited for the dead backend").unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.json::<Value>().await.unwrap()["error"], "unavailable");
+    assert_eq!(f[0].hits() + f[1].hits(), 2, "each follower tried once");
 }
 
 /// Two replicas of one slot each, `work_ms` per request, behind a catalog balancer that knows
