@@ -35,6 +35,7 @@ wrk -t1 -c"$CONNS" -d3s -s bench/buy.lua "$EDGE" >/dev/null
 scrape "$TMP/before"
 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -s bench/buy.lua "$EDGE" > "$TMP/wrk.txt"
 scrape "$TMP/after"
+status > "$TMP/status-after.json"
 
 echo "buys through the edge, wrk -t1 -c$CONNS -d${DURATION}s: $(awk '/Requests\/sec/ {print $2}' "$TMP/wrk.txt")/s," \
   "p50 $(awk '$1 == "50%" {print $2}' "$TMP/wrk.txt"), p99 $(awk '$1 == "99%" {print $2}' "$TMP/wrk.txt"); $(nproc) cores"
@@ -70,7 +71,15 @@ for key in sorted(after):
     if count <= 0 or key[1].startswith(("serve GET /status", "serve GET /metrics")):
         continue
     rows.append((label(key[0]), key[1], count / buys, total / count * 1e3, total / buys * 1e3))
-print(f"{int(buys)} buys measured (the edge's own count)\n")
+def terms(path):
+    out = {}
+    for s in json.load(open(path))["servers"]:
+        if s["tier"] in ("catalog", "order"):
+            out[s["tier"]] = max(out.get(s["tier"], 0), s.get("term", 0))
+    return out
+t0, t1 = terms(f"{tmp}/status.json"), terms(f"{tmp}/status-after.json")
+elections = ", ".join(f"{g} {t1[g] - t0[g]}" for g in sorted(t0))
+print(f"{int(buys)} buys measured (the edge's own count); elections from start to end: {elections}\n")
 print(f"{'server':<24} {'span':<44} {'per buy':>8} {'mean ms':>9} {'ms per buy':>11}")
 for server, span, per, mean, per_buy in sorted(rows, key=lambda r: (r[0], -r[4])):
     if per < 0.005:

@@ -194,11 +194,11 @@ struct RaftArgs {
     #[arg(long)]
     balancer: Vec<String>,
     /// Raft heartbeat; openraft also gives each AppendEntries this long to complete.
-    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "QUIRE_HEARTBEAT", default_value = "60ms", value_parser = humantime::parse_duration)]
     heartbeat: Duration,
-    #[arg(long, default_value = "400ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "QUIRE_ELECTION_MIN", default_value = "100ms", value_parser = humantime::parse_duration)]
     election_min: Duration,
-    #[arg(long, default_value = "800ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "QUIRE_ELECTION_MAX", default_value = "160ms", value_parser = humantime::parse_duration)]
     election_max: Duration,
     /// Snapshot (and purge the log) every this many entries.
     #[arg(long, default_value_t = 5000)]
@@ -220,7 +220,7 @@ struct CatalogArgs {
     #[arg(long, env = "QUIRE_RESTOCK_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
     restock_delay: Duration,
     /// Frontend cache lease; must be shorter than the election timeout.
-    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "QUIRE_LEASE", default_value = "75ms", value_parser = humantime::parse_duration)]
     lease: Duration,
 }
 
@@ -249,12 +249,12 @@ struct FrontendArgs {
     #[arg(long)]
     edge: Vec<String>,
     /// Deadline of a lookup or search that carries none (`x-quire-deadline`): a shopper's
-    /// patience. A client that will wait out a leader election (1.3-1.8 s here) says so.
+    /// patience. A client that will wait out a leader election (about 0.5 s here) says so.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     browse_deadline: Duration,
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     buy_deadline: Duration,
-    #[arg(long, default_value = "80ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "QUIRE_LEASE_RENEW", default_value = "30ms", value_parser = humantime::parse_duration)]
     lease_renew: Duration,
 }
 

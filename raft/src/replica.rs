@@ -36,9 +36,9 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            heartbeat: Duration::from_millis(100),
-            election_min: Duration::from_millis(400),
-            election_max: Duration::from_millis(800),
+            heartbeat: Duration::from_millis(60),
+            election_min: Duration::from_millis(100),
+            election_max: Duration::from_millis(160),
             snapshot_every: 5_000,
         }
     }
@@ -646,14 +646,33 @@ async fn identify(
     Ok((identity, decision.found))
 }
 
-/// Every 200 ms, fetch the read index and compare it with what this replica applied.
+/// Every 200 ms, and at once when the group's leader changes (so that a replica is back in
+/// rotation as soon as a new leader is elected, not up to a period later), fetch the read
+/// index and compare it with what this replica applied.
 fn spawn_readiness_probe(replica: std::sync::Weak<Replica>) {
     /// Entries a replica may trail the leader by and still be called caught up.
     const SLACK: u64 = 32;
+    let Some(mut metrics) = replica.upgrade().map(|r| r.raft.metrics()) else { return };
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut leader = metrics.borrow().current_leader;
         loop {
-            tick.tick().await;
+            let leader_changed = async {
+                loop {
+                    if metrics.changed().await.is_err() {
+                        // Raft stopped: only the tick is left.
+                        std::future::pending::<()>().await;
+                    }
+                    if metrics.borrow().current_leader != leader {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = leader_changed => {}
+            }
+            leader = metrics.borrow().current_leader;
             let Some(replica) = replica.upgrade() else { return };
             let member = {
                 let m = replica.raft.metrics();
