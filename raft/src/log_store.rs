@@ -4,6 +4,12 @@
 //! appended entries are fsynced before openraft is told they are stored. Entries are kept as
 //! JSON text keyed by log index; the last purged log id, the vote and the committed log id
 //! live in a small `meta` table.
+//!
+//! The committed log id is the exception: openraft saves it before every apply, waiting in
+//! its core, and may find it older (or missing) after a restart, since it only tells how
+//! far the log may be applied without asking the leader again. So it is kept in memory and
+//! written with the next append or purge, never synced on its own. It is never ahead of the
+//! entries durable beside it: they were appended, and synced, before it was committed.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -41,6 +47,8 @@ pub struct Identity {
 pub struct LogStore {
     path: PathBuf,
     conn: Arc<Mutex<Connection>>,
+    /// The committed log id openraft saved last, until an append or purge writes it.
+    committed: Arc<Mutex<Option<String>>>,
 }
 
 pub(crate) fn open(path: &Path, durable: bool) -> rusqlite::Result<Connection> {
@@ -70,7 +78,7 @@ impl LogStore {
             "CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, entry TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);",
         )?;
-        Ok(LogStore { path: path.to_path_buf(), conn: Arc::new(Mutex::new(conn)) })
+        Ok(LogStore { path: path.to_path_buf(), conn: Arc::new(Mutex::new(conn)), committed: Arc::default() })
     }
 
     /// Who this log belongs to, once decided (see [`crate::bootstrap`]).
@@ -124,6 +132,13 @@ impl LogStore {
         .map_err(io_err)?
     }
 
+    /// The committed log id saved since the last write, to be written with the next one.
+    fn take_committed(&self) -> StorageResult<Option<String>> {
+        let mut committed =
+            self.committed.lock().map_err(|_| io_err(std::io::Error::other("log store lock poisoned")))?;
+        Ok(committed.take())
+    }
+
     async fn get_meta<T: DeserializeOwned + Send + 'static>(&self, name: &'static str) -> StorageResult<Option<T>> {
         self.with_conn(move |conn| read_meta(conn, name)).await
     }
@@ -137,6 +152,16 @@ impl LogStore {
         })
         .await
     }
+}
+
+/// Writes the committed log id [`LogStore::take_committed`] took, if any, in `tx`.
+fn write_committed(tx: &rusqlite::Transaction<'_>, committed: Option<String>) -> StorageResult<()> {
+    if let Some(text) = committed {
+        tx.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES ('committed', ?1)")
+            .and_then(|mut stmt| stmt.execute([text]))
+            .map_err(io_err)?;
+    }
+    Ok(())
 }
 
 /// No vote, no entry, nothing purged.
@@ -250,11 +275,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
-        self.put_meta("committed", &committed).await
+        let text = serde_json::to_string(&committed).map_err(io_err)?;
+        *self.committed.lock().map_err(|_| io_err(std::io::Error::other("log store lock poisoned")))? = Some(text);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
-        Ok(self.get_meta::<Option<LogId<NodeId>>>("committed").await?.flatten())
+        let pending =
+            self.committed.lock().map_err(|_| read_err(std::io::Error::other("log store lock poisoned")))?.clone();
+        match pending {
+            Some(text) => serde_json::from_str::<Option<LogId<NodeId>>>(&text).map_err(read_err),
+            None => Ok(self.get_meta::<Option<LogId<NodeId>>>("committed").await?.flatten()),
+        }
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
@@ -268,6 +300,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .into_iter()
             .map(|e| Ok((e.get_log_id().index as i64, serde_json::to_string(&e).map_err(io_err)?)))
             .collect::<StorageResult<Vec<_>>>()?;
+        let committed = self.take_committed()?;
         let result = self
             .with_conn(move |conn| {
                 let tx = conn.transaction().map_err(io_err)?;
@@ -278,6 +311,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                         stmt.execute(params![idx, text]).map_err(io_err)?;
                     }
                 }
+                write_committed(&tx, committed)?;
                 tx.commit().map_err(io_err)
             })
             .await;
@@ -299,10 +333,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         let text = serde_json::to_string(&log_id).map_err(io_err)?;
         let upto = log_id.index as i64;
+        let committed = self.take_committed()?;
         self.with_conn(move |conn| {
             let tx = conn.transaction().map_err(io_err)?;
             tx.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('last_purged', ?1)", [&text])
                 .map_err(io_err)?;
+            write_committed(&tx, committed)?;
             tx.execute("DELETE FROM log WHERE idx <= ?1", [upto]).map_err(io_err)?;
             tx.commit().map_err(io_err)
         })
