@@ -1,21 +1,8 @@
 -- wrk: etcd v3 JSON gateway puts, a distinct key per request (values base64).
+dofile("bench/etcd_lib.lua")
 counter = 0
 request = function()
   counter = counter + 1
   local body = string.format('{"key": "%s", "value": "dmFsdWU="}', ngx_b64("k" .. counter))
   return wrk.format("POST", "/v3/kv/put", {["Content-Type"] = "application/json"}, body)
-end
-
-local b = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'
-function ngx_b64(data)
-  return ((data:gsub('.', function(x)
-    local r, byte = '', x:byte()
-    for i = 8, 1, -1 do r = r .. (byte % 2 ^ i - byte % 2 ^ (i - 1) > 0 and '1' or '0') end
-    return r
-  end) .. '0000'):gsub('%d%d?%d?%d?%d?%d?', function(x)
-    if #x < 6 then return '' end
-    local c = 0
-    for i = 1, 6 do c = c + (x:sub(i, i) == '1' and 2 ^ (6 - i) or 0) end
-    return b:sub(c + 1, c + 1)
-  end) .. ({ '', '==', '=' })[#data % 3 + 1])
 end

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks a local quire store with wrk and compares it with two baselines: a bare axum
 # handler returning the same JSON as a cached lookup, and a 3-member etcd cluster (fsync on)
-# taking puts at the same concurrency. Prints one table; see bench/README.md.
+# taking puts at the same concurrencies as the buys (64, 16, 1) and linearizable reads on a
+# follower. Prints one table; see bench/README.md.
 #
 #   bench/run.sh                 # 10 s per run, 64 connections
 #   DURATION=30s CONNS=64 bench/run.sh
@@ -39,7 +40,8 @@ for i in $(seq 1 5); do curl -sf "$FRONTEND/lookup/1" >/dev/null; curl -sf "$EDG
 RESULTS=()
 run() { # name, url, [script]: the better of two runs (this machine's rates vary run to run)
   local name=$1 url=$2 script=${3:-}
-  local args=(-t "$THREADS" -c "$CONNS" -d "$DURATION" --latency)
+  local conns=${C:-$CONNS}
+  local args=(-t "$(( THREADS < conns ? THREADS : conns ))" -c "$conns" -d "$DURATION" --latency)
   [ -n "$script" ] && args+=(-s "$script")
   local out first second
   first=$(wrk "${args[@]}" "$url"); second=$(wrk "${args[@]}" "$url")
@@ -61,6 +63,8 @@ run "cached lookup, one frontend" "$FRONTEND/lookup/1"
 run "lookup through the edge" "$EDGE/lookup/1"
 PREFIX=/books run "uncached linearizable lookup" "$CATALOG_BALANCER" bench/lookup_many.lua
 run "buy through the edge" "$EDGE" bench/buy.lua
+C=16 run "buy through the edge, c16" "$EDGE" bench/buy.lua
+C=1 run "buy through the edge, c1" "$EDGE" bench/buy.lua
 # A 3-member etcd cluster on loopback, fsync on (etcd's default), started only now so its
 # start-up work does not load the machine during the quire runs.
 ETCD_CLUSTER=""
@@ -82,6 +86,15 @@ ETCD="http://127.0.0.1:${ETCD_CLIENT[1]}"
 for _ in $(seq 1 100); do curl -sf "$ETCD/health" | grep -q true && break; sleep 0.2; done
 
 run "etcd 3 members, put (fsync)" "$ETCD" bench/etcd_put.lua
+C=16 run "etcd put, c16" "$ETCD" bench/etcd_put.lua
+C=1 run "etcd put, c1" "$ETCD" bench/etcd_put.lua
+# A linearizable range (etcd's default) on a follower: the anchor of the uncached lookup.
+ETCD_LEADER=$(curl -sf -X POST "$ETCD/v3/maintenance/status" -d '{}' | jq -r .leader)
+for i in 1 2 3; do
+  member=$(curl -sf -X POST "http://127.0.0.1:${ETCD_CLIENT[$i]}/v3/maintenance/status" -d '{}' | jq -r .header.member_id)
+  if [ "$member" != "$ETCD_LEADER" ]; then ETCD_FOLLOWER="http://127.0.0.1:${ETCD_CLIENT[$i]}"; break; fi
+done
+run "etcd linearizable range, follower" "$ETCD_FOLLOWER" bench/etcd_range.lua
 
 echo
 echo "quire benchmark: wrk -t$THREADS -c$CONNS -d$DURATION on $(nproc) cores"

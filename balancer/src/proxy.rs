@@ -24,8 +24,9 @@ use axum::response::{IntoResponse, Response};
 use quire_common::api::MAX_BODY_BYTES;
 use quire_common::client::ATTEMPT_TIMEOUT;
 use quire_common::error::ErrorBody;
+use quire_common::timings::Stopwatch;
 use quire_common::{headers, ApiError, Deadline};
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, warn};
 
 use crate::queue::{Slot, Want};
 use crate::{Balancer, Tier};
@@ -85,8 +86,8 @@ pub async fn forward(balancer: Balancer, request: Request) -> Response {
         balancer.samples.arrived();
     }
     let kind = if work { "work" } else { "write" };
-    let span = tracing::info_span!("forward", hop = %format_args!("{} {kind}", balancer.tier));
-    match attempt_all(&balancer, request, work).instrument(span).await {
+    let _watch = Stopwatch::start(format!("forward {} {kind}", balancer.tier));
+    match attempt_all(&balancer, request, work).await {
         Ok(served) => {
             if served.dropped {
                 balancer.samples.after_dropped();
@@ -253,8 +254,8 @@ impl<'a> Route<'a> {
             return Ok(None);
         }
         let retry = !tried.is_empty();
-        let waiting = queue.acquire(Want::any_but(tried), self.deadline, retry);
-        let slot = waiting.instrument(tracing::info_span!("queue")).await?;
+        let _watch = Stopwatch::start("queue");
+        let slot = queue.acquire(Want::any_but(tried), self.deadline, retry).await?;
         Ok(slot.map(|slot| (slot.url().to_string(), Some(slot))))
     }
 }

@@ -55,13 +55,11 @@ pub fn finish(router: Router) -> Router {
         .layer(axum::middleware::from_fn(timed))
 }
 
-/// Runs every request in a `serve` span named by its method and route (see
-/// [`crate::timings`]).
+/// Times every request as `serve METHOD route` (see [`crate::timings`]).
 async fn timed(request: Request, next: Next) -> Response {
-    use tracing::Instrument;
     let route = request.extensions().get::<axum::extract::MatchedPath>().map_or("(no route)", |p| p.as_str());
-    let span = tracing::info_span!("serve", hop = %format_args!("{} {route}", request.method()));
-    next.run(request).instrument(span).await
+    let _watch = crate::timings::Stopwatch::start(format!("serve {} {route}", request.method()));
+    next.run(request).await
 }
 
 /// Turns axum's plain-text rejections (405, 413, 415, 400 on bad paths) into the documented
