@@ -453,7 +453,6 @@ impl Replica {
     /// Waits until a read that starts now would observe every write acknowledged before
     /// it: fetches the read index (leader confirmation) and waits to apply up to it.
     pub async fn read_barrier(&self, deadline: Deadline) -> Result<(), ApiError> {
-        use tracing::Instrument;
         let wait = async {
             let index = self.read_index.get().await.map_err(|e| {
                 tracing::debug!(error = %e, "read index unavailable");
@@ -468,7 +467,9 @@ impl Replica {
             }
             Ok(())
         };
-        tokio::time::timeout(deadline.remaining(), wait.instrument(tracing::info_span!("read_barrier")))
+        // Every linearizable read waits here: timed without a span (`quire_common::timings`).
+        let _watch = quire_common::timings::Stopwatch::start("read_barrier");
+        tokio::time::timeout(deadline.remaining(), wait)
             .await
             .map_err(|_| ApiError::deadline_exceeded("the read could not be confirmed in time"))?
     }
