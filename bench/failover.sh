@@ -9,12 +9,9 @@
 #   QUIRE=/path/to/other/quire bench/failover.sh        # another build
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for tool in jq python3; do
-  command -v "$tool" >/dev/null || { echo "bench needs $tool (apt-get install jq python3)" >&2; exit 1; }
-done
-cargo build --release --bin quire 2>&1 | tail -1
-QUIRE=${QUIRE:-$PWD/target/release/quire}
 . bench/lib.sh
+need jq python3
+build_quire
 start_store 100 100000000
 EDGE=$(status | jq -r '.servers[] | select(.name == "edge") | .url')
 python3 bench/failover.py "$QUIRE" "$TMP/store" "$EDGE"

@@ -1,5 +1,7 @@
-# Shared by the benchmark scripts (sourced, after QUIRE is set): a scratch directory and a
-# store in it, both gone when the script exits. Defines:
+# Shared by the benchmark scripts (sourced): a scratch directory and a store in it, both
+# gone when the script exits. Defines:
+#   need TOOL...              exits unless every TOOL is installed
+#   build_quire               builds the release binary; QUIRE is it unless already set
 #   start_store BOOKS STOCK   a fresh store (`quire up`, restock off) of BOOKS books with STOCK
 #                             copies each; returns once all 13 of its servers are ready
 #   status                    the store's `quire status --json`
@@ -7,6 +9,15 @@
 TMP=$(mktemp -d)
 BENCH_PIDS=()
 also_stop() { BENCH_PIDS+=("$1"); }
+need() {
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null || { echo "bench needs $tool (apt-get install $*)" >&2; exit 1; }
+  done
+}
+build_quire() {
+  cargo build --release --bin quire 2>&1 | tail -1
+  QUIRE=${QUIRE:-$PWD/target/release/quire}
+}
 bench_cleanup() {
   for pid in "${BENCH_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${BENCH_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done

@@ -13,12 +13,9 @@ cd "$(dirname "$0")/.."
 
 CONNS=${CONNS:-64}
 DURATION=${DURATION:-10}
-for tool in wrk jq curl python3; do
-  command -v "$tool" >/dev/null || { echo "bench needs $tool (apt-get install wrk jq curl python3)" >&2; exit 1; }
-done
-cargo build --release --bin quire 2>&1 | tail -1
-QUIRE=${QUIRE:-$PWD/target/release/quire}
 . bench/lib.sh
+need wrk jq curl python3
+build_quire
 start_store 1000 100000000
 status > "$TMP/status.json"
 EDGE=$(jq -r '.servers[] | select(.name == "edge") | .url' "$TMP/status.json")
