@@ -653,8 +653,7 @@ async fn identify(
 fn spawn_readiness_probe(replica: std::sync::Weak<Replica>) {
     /// Entries a replica may trail the leader by and still be called caught up.
     const SLACK: u64 = 32;
-    // Server metrics change only with the vote, role, leader or membership: not per apply.
-    let Some(mut metrics) = replica.upgrade().map(|r| r.raft.server_metrics()) else { return };
+    let Some(mut metrics) = replica.upgrade().map(|r| r.raft.metrics()) else { return };
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         let mut leader = metrics.borrow().current_leader;
