@@ -20,11 +20,15 @@ start_store 1000 100000000
 status > "$TMP/status.json"
 EDGE=$(jq -r '.servers[] | select(.name == "edge") | .url' "$TMP/status.json")
 
-scrape() { # DIR: every server's /metrics, one file per server name
+scrape() { # DIR: every server's /metrics, one file per server name; CPU ticks in DIR.cpu
   mkdir -p "$1"
-  jq -r '.servers[] | "\(.name) \(.url)"' "$TMP/status.json" | while read -r name url; do
+  jq -r '.servers[] | "\(.name) \(.url) \(.pid)"' "$TMP/status.json" | while read -r name url pid; do
     curl -sf "$url/metrics" > "$1/$name" || true
+    # utime + stime of the server's process, in clock ticks (proc(5), fields 14 and 15).
+    echo "$name $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)" >> "$1.cpu"
   done
+  # The whole machine's busy and total ticks (proc(5), the first line of /proc/stat).
+  awk '/^cpu / {print "machine", $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8}' /proc/stat >> "$1.cpu"
 }
 
 # Warm up (connections, caches, the first elections' aftermath), then measure.
@@ -82,4 +86,20 @@ for server, span, per, mean, per_buy in sorted(rows, key=lambda r: (r[0], -r[4])
     if per < 0.005:
         continue
     print(f"{server:<24} {span:<44} {per:>8.2f} {mean:>9.2f} {per_buy:>11.2f}")
+
+# CPU: what each server's process burned per buy, and how busy the machine was.
+hz = os.sysconf("SC_CLK_TCK")
+def cpu(path):
+    out = {}
+    for line in open(path):
+        name, *ticks = line.split()
+        out[name] = [float(t) for t in ticks]
+    return out
+c0, c1 = cpu(f"{tmp}/before.cpu"), cpu(f"{tmp}/after.cpu")
+busy, total = (c1["machine"][i] - c0["machine"][i] for i in (0, 1))
+print(f"\nCPU per buy (ms; the machine was {busy / total * 100:.0f} % busy while measured, wrk included)")
+spent = {n: (c1[n][0] - c0[n][0]) / hz * 1e3 / buys for n in c0 if n != "machine" and n in c1}
+for name, ms in sorted(spent.items(), key=lambda kv: -kv[1]):
+    print(f"{label(name):<24} {ms:>6.3f}")
+print(f"{'all servers':<24} {sum(spent.values()):>6.3f}")
 EOF

@@ -365,7 +365,7 @@ async fn ledger(State(c): State<Catalog>) -> Result<axum::Json<Ledger>, ApiError
             let keys = stmt
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, u32>(2)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            let mut stmt = conn.prepare("SELECT log_index, item_id, quantity FROM restocks ORDER BY log_index")?;
+            let mut stmt = conn.prepare("SELECT log_index, item_id, quantity FROM restocks ORDER BY seq")?;
             let restocks = stmt
                 .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;

@@ -2,7 +2,10 @@
 //! the log of restocks. Every change is a [`Command`] applied through Raft.
 //!
 //! A book's `version` is the log index of the last write that changed it; frontends use it
-//! to order cached values against invalidations. Full-text search (FTS5) is an external-
+//! to order cached values against invalidations. Several writes to a book may share one
+//! entry (group commit): they share its version too, which is sound because no reader
+//! sees a state between two commands of one entry (the entry is applied in one
+//! transaction) and every hold on the book is released to that version or a later one. Full-text search (FTS5) is an external-
 //! content index kept by triggers, so it is rebuilt for free when a snapshot is installed
 //! and never touched by stock changes.
 
@@ -44,8 +47,10 @@ CREATE TABLE IF NOT EXISTS sales (
     stock_left INTEGER NOT NULL,
     log_index INTEGER NOT NULL
 );
+-- In the order applied (one entry may carry several restocks: `seq` orders them).
 CREATE TABLE IF NOT EXISTS restocks (
-    log_index INTEGER PRIMARY KEY,
+    seq INTEGER PRIMARY KEY,
+    log_index INTEGER NOT NULL,
     item_id INTEGER NOT NULL,
     quantity INTEGER NOT NULL
 );
@@ -201,7 +206,7 @@ fn restock(tx: &Transaction<'_>, index: u64, item_id: u64, quantity: u32) -> rus
         params![after, index as i64, item_id as i64],
     )?;
     tx.execute(
-        "INSERT INTO restocks (log_index, item_id, quantity) VALUES (?1, ?2, ?3)",
+        "INSERT INTO restocks (seq, log_index, item_id, quantity) VALUES (NULL, ?1, ?2, ?3)",
         params![index as i64, item_id as i64, quantity],
     )?;
     Ok(json!({ "stock": after }))

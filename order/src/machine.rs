@@ -1,7 +1,8 @@
 //! The order service's replicated state: one row per idempotency key.
 //!
-//! An order is born `pending` when its key is first placed (the order id is the log index
-//! of that entry) and settles once, to `confirmed` or `failed`, with the catalog's answer
+//! An order is born `pending` when its key is first placed (its id is one more than the
+//! highest so far, so ids follow the order in which keys were placed, and every replica
+//! picks the same one) and settles once, to `confirmed` or `failed`, with the catalog's answer
 //! for the key. Repeats of either command return the row as it stands.
 
 use rusqlite::{params, OptionalExtension, Transaction};
@@ -47,7 +48,7 @@ impl quire_raft::Machine for Orders {
         TABLES
     }
 
-    fn apply(&self, tx: &Transaction<'_>, index: u64, command: &Value) -> rusqlite::Result<Value> {
+    fn apply(&self, tx: &Transaction<'_>, _index: u64, command: &Value) -> rusqlite::Result<Value> {
         let command: Command = match quire_raft::decode(command) {
             Ok(c) => c,
             Err(answer) => return Ok(answer),
@@ -57,9 +58,9 @@ impl quire_raft::Machine for Orders {
                 // Both statements run for every buy: prepared once per connection and kept.
                 tx.prepare_cached(
                     "INSERT OR IGNORE INTO orders (order_id, key, item_id, quantity, state, created_ms)
-                     VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
+                     VALUES ((SELECT coalesce(max(order_id), 0) + 1 FROM orders), ?1, ?2, ?3, 'pending', ?4)",
                 )?
-                .execute(params![index as i64, key, item_id as i64, quantity, created_ms as i64])?;
+                .execute(params![key, item_id as i64, quantity, created_ms as i64])?;
                 key
             }
             Command::Settle { key, result } => {
@@ -128,8 +129,12 @@ mod tests {
         conn.execute_batch(SCHEMA).unwrap();
         let place = || Command::Place { key: "k".into(), item_id: 2, quantity: 1, created_ms: 5 };
         let first = run(&mut conn, 10, place());
-        assert_eq!((first.order_id, first.state), (10, OrderState::Pending));
-        assert_eq!(run(&mut conn, 11, place()).order_id, 10, "a repeat keeps the first order");
+        assert_eq!((first.order_id, first.state), (1, OrderState::Pending));
+        assert_eq!(run(&mut conn, 11, place()).order_id, 1, "a repeat keeps the first order");
+        // Two keys placed in one entry (group commit) get orders of their own.
+        let other = |key: &str| Command::Place { key: key.into(), item_id: 2, quantity: 1, created_ms: 6 };
+        assert_eq!(run(&mut conn, 12, other("k2")).order_id, 2);
+        assert_eq!(run(&mut conn, 12, other("k3")).order_id, 3);
         let sold = DecrementResult { outcome: DecrementOutcome::Sold, price_cents: 1999, stock_left: 4, version: 12 };
         let settled = run(&mut conn, 12, Command::Settle { key: "k".into(), result: sold });
         assert_eq!((settled.state, settled.price, settled.stock_left), (OrderState::Confirmed, Some(19.99), Some(4)));

@@ -9,6 +9,7 @@
 //! - [`log_store`]: vote and log in `raft.db`, fsynced before openraft is told.
 //! - [`state`]: the state machine in `state.db`, snapshots, read connections, digests.
 //! - [`network`]: Raft RPCs as JSON over HTTP.
+//! - [`proposer`]: group commit, many client writes in one log entry.
 //! - [`read_index`]: batched leadership confirmation for linearizable reads.
 //! - [`replica`]: [`Replica`], what services call (write, read barrier, status, membership).
 //! - [`http`]: the `/raft/*` and `/admin/*` routes.
@@ -21,6 +22,7 @@ pub mod bootstrap;
 pub mod http;
 pub mod log_store;
 pub mod network;
+pub mod proposer;
 pub mod read_index;
 pub mod replica;
 pub mod service;
@@ -50,7 +52,10 @@ pub trait Machine: Send + Sync + 'static {
     /// and hashed by the digest. Derived tables (indexes, FTS) are kept by triggers.
     fn tables(&self) -> &'static [&'static str];
 
-    /// Applies one committed command at log `index`. Runs inside the transaction that also
+    /// Applies one committed command of the entry at log `index`. An entry may carry several
+    /// commands (see [`proposer`]): they are applied in order, each by a call of its own
+    /// with the same `index`, so `index` orders writes but does not name one. Runs inside
+    /// the transaction that also
     /// records the entry as applied, in a savepoint of its own. A command the service cannot
     /// make sense of should answer an error *value*; an `Err` that the command's data
     /// causes (a constraint it breaks, a value out of range) is rolled back and answered

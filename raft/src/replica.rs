@@ -19,6 +19,7 @@ use quire_common::{headers, ApiError, Deadline};
 use crate::bootstrap::{same_address, GroupView, Start};
 use crate::log_store::{Identity, LogStore};
 use crate::network::Network;
+use crate::proposer::Proposer;
 use crate::read_index::{ReadIndex, ReadIndexError, Round};
 use crate::state::{Reads, StateStore};
 use crate::{Machine, NodeId, TypeConfig};
@@ -72,7 +73,8 @@ pub struct ReplicaConfig {
 /// The answer of a committed, applied write.
 #[derive(Debug, Clone)]
 pub struct Applied {
-    /// Log index of the write: the version of every row it touched.
+    /// Log index of the entry that carried the write (with others, under load): the version
+    /// of every row it touched.
     pub index: u64,
     pub response: serde_json::Value,
 }
@@ -127,6 +129,8 @@ pub struct Replica {
     /// Boot, worker slots and draining of this server (free unless emulated).
     pub workers: quire_common::capacity::Workers,
     read_index: ReadIndex,
+    /// Group commit in front of the Raft core: every write goes through it.
+    proposer: Proposer,
     /// Set by the readiness probe: this replica recently had applied the leader's read index.
     caught_up: std::sync::atomic::AtomicBool,
     log: LogStore,
@@ -182,6 +186,7 @@ impl Replica {
             Network { client: client.clone(), token: config.token.0.clone(), group: config.group.clone().into() };
         let raft = Raft::new(identity.node_id, Arc::new(raft_config), network, log.clone(), state).await?;
 
+        let proposer = Proposer::spawn(raft.clone());
         // The read index round needs the replica itself; tie the knot through a OnceLock.
         let cell: Arc<std::sync::OnceLock<std::sync::Weak<Replica>>> = Arc::new(std::sync::OnceLock::new());
         let round_cell = cell.clone();
@@ -204,6 +209,7 @@ impl Replica {
             client,
             token: config.token,
             read_index,
+            proposer,
             caught_up: std::sync::atomic::AtomicBool::new(false),
             workers: quire_common::capacity::Workers::new(config.capacity),
             log,
@@ -430,24 +436,12 @@ impl Replica {
     /// replica that stopped leading meanwhile still applies it once it is committed) or is
     /// known never to be.
     pub async fn propose(&self, command: serde_json::Value) -> Result<Applied, WriteError> {
-        use tracing::Instrument;
         // An emulated DB write is latency, not a lock: writes overlap freely.
         self.workers.write_latency().await;
-        let written = self.raft.client_write(command).instrument(tracing::info_span!("raft.write")).await;
-        match written {
-            Ok(response) if response.data["error"] == "stale_term" => Err(WriteError::StaleTerm),
-            Ok(response) if response.data["error"] == "rejected" => {
-                Err(WriteError::Rejected(response.data["message"].as_str().unwrap_or_default().to_string()))
-            }
-            Ok(response) => Ok(Applied { index: response.log_id.index, response: response.data }),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(WriteError::NotLeader(f.leader_node.map(|n| n.addr)))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "write failed");
-                Err(WriteError::Unknown(e.to_string()))
-            }
-        }
+        // Every write is timed here, without a span (`quire_common::timings`); the entries
+        // that carry them are spans of their own (`raft.entry`).
+        let _watch = quire_common::timings::Stopwatch::start("raft.write");
+        self.proposer.write(command).await
     }
 
     /// Waits until a read that starts now would observe every write acknowledged before

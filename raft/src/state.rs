@@ -22,6 +22,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 
 use crate::log_store::open;
+use crate::proposer::BATCH;
 use crate::{Machine, NodeId, TypeConfig};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
@@ -265,11 +266,12 @@ fn apply_batch(
         last = Some(entry.log_id);
         let response = match entry.payload {
             EntryPayload::Blank => serde_json::Value::Null,
-            EntryPayload::Normal(command) => match in_term(&command) {
-                // A proposal bound to the term it was made in, appended in a later one.
-                Some((term, _)) if term != entry.log_id.leader_id.term => stale_term(term),
-                Some((_, command)) => apply_one(&tx, machine, entry.log_id.index, command)?,
-                None => apply_one(&tx, machine, entry.log_id.index, &command)?,
+            EntryPayload::Normal(proposal) => match proposal.get(BATCH).and_then(|b| b.as_array()) {
+                // Group commit (see [`crate::proposer`]): each command as if it were alone.
+                Some(batch) => serde_json::Value::Array(
+                    batch.iter().map(|p| apply_proposal(&tx, machine, entry.log_id, p)).collect::<Result<_, _>>()?,
+                ),
+                None => apply_proposal(&tx, machine, entry.log_id, &proposal)?,
             },
             EntryPayload::Membership(m) => {
                 membership = Some(StoredMembership::new(Some(entry.log_id), m));
@@ -289,6 +291,22 @@ fn apply_batch(
     drop(put);
     tx.commit().map_err(sm_err)?;
     Ok(responses)
+}
+
+/// Applies one proposal of the entry at `log_id`: a command, or a command bound to the
+/// term it was proposed in.
+fn apply_proposal(
+    tx: &rusqlite::Transaction<'_>,
+    machine: &dyn Machine,
+    log_id: LogId<NodeId>,
+    proposal: &serde_json::Value,
+) -> StorageResult<serde_json::Value> {
+    match in_term(proposal) {
+        // A proposal bound to the term it was made in, appended in a later one.
+        Some((term, _)) if term != log_id.leader_id.term => Ok(stale_term(term)),
+        Some((_, command)) => apply_one(tx, machine, log_id.index, command),
+        None => apply_one(tx, machine, log_id.index, proposal),
+    }
 }
 
 /// Applies one command inside a savepoint. A failure the command itself causes (a
