@@ -3,7 +3,8 @@
 //! It keeps a registry of backends, beats each every 100 ms, and proxies every request that
 //! is not one of its own routes: work (requests that occupy a backend's worker slot: all at
 //! the edge, reads, the order tier's buys) round-robin over the backends in rotation with a
-//! free slot, waiting in the tier's central queue when none has one; other writes of the Raft
+//! free slot (a buy to the order leader first while it has one, since a follower would pass
+//! it on), waiting in the tier's central queue when none has one; other writes of the Raft
 //! tiers to the leader; retried elsewhere only when that is safe. Every second it samples
 //! the tier for the autoscaler.
 //!

@@ -67,7 +67,8 @@ struct Served {
 
 /// Whether a request occupies a worker slot of the backend serving it, and so goes through the
 /// tier's queue: everything a frontend serves; replicas' reads; and the order tier's buys,
-/// which any replica takes (it does the app work and forwards the write to its leader). Other
+/// which any replica takes (it does the app work and forwards the write to its leader; the
+/// leader's slots are taken first, see [`Route`]). Other
 /// writes of a Raft tier cost the leader a write's latency, not a slot, and bypass the queue.
 pub(crate) fn is_work(tier: Tier, method: &Method, path: &str) -> bool {
     let read = method == Method::GET || method == Method::HEAD;
@@ -121,8 +122,10 @@ async fn attempt_all(balancer: &Balancer, request: Request, work: bool) -> Resul
     let mut outgoing = parts.headers;
     strip_hop_by_hop(&mut outgoing);
 
-    // Work never goes to the leader first; every non-work request is a Raft tier's write.
-    let mut route = Route::new(balancer, work, deadline);
+    // Every non-work request is a Raft tier's write: to the leader first. So is a buy while
+    // the leader has a free slot (a follower would only pass it on to the leader).
+    let buy = work && balancer.tier == Tier::Order && parts.method == Method::POST;
+    let mut route = Route::new(balancer, work, deadline, buy);
     let mut tried: Vec<String> = Vec::new();
     let mut hops = 0;
     // A write sent to a backend that then went silent may have been carried out: if no
@@ -212,7 +215,7 @@ async fn attempt_all(balancer: &Balancer, request: Request, work: bool) -> Resul
 /// Where a request's attempts go, one after the other.
 ///
 /// Work takes a slot from the tier's queue for every attempt, on a backend not tried yet (or
-/// on the leader a `not_leader` hint names). Other requests (a Raft tier's writes) go to the
+/// on the leader a `not_leader` hint names); a buy takes the leader's whenever it is free. Other requests (a Raft tier's writes) go to the
 /// leader first, then to every backend in rotation from the round-robin cursor, as planned
 /// when they arrive.
 struct Route<'a> {
@@ -221,12 +224,14 @@ struct Route<'a> {
     deadline: Option<Deadline>,
     /// Targets to try before any other: leaders named by hints, then (writes only) the plan.
     plan: VecDeque<String>,
+    /// Work that goes to the leader whenever it has a free slot.
+    to_leader: bool,
 }
 
 impl<'a> Route<'a> {
-    fn new(balancer: &'a Balancer, work: bool, deadline: Option<Deadline>) -> Self {
+    fn new(balancer: &'a Balancer, work: bool, deadline: Option<Deadline>, to_leader: bool) -> Self {
         let plan = if work { VecDeque::new() } else { candidates(balancer) };
-        Route { balancer, work, deadline, plan }
+        Route { balancer, work, deadline, plan, to_leader }
     }
 
     /// Tries `leader` next.
@@ -255,7 +260,8 @@ impl<'a> Route<'a> {
         }
         let retry = !tried.is_empty();
         let _watch = Stopwatch::start("queue");
-        let slot = queue.acquire(Want::any_but(tried), self.deadline, retry).await?;
+        let leader = self.to_leader.then(|| self.balancer.registry.leader().map(|l| l.to_string())).flatten();
+        let slot = queue.acquire(Want::any_but(tried).preferring(leader), self.deadline, retry).await?;
         Ok(slot.map(|slot| (slot.url().to_string(), Some(slot))))
     }
 }

@@ -49,15 +49,23 @@ pub(crate) struct Want {
     avoid: Vec<String>,
     /// Only this one (a leader named by a `not_leader` hint).
     only: Option<String>,
+    /// This one whenever it has a free slot, before the round-robin turn (a Raft tier's
+    /// leader, for work that any replica takes but only the leader can finish).
+    prefer: Option<String>,
 }
 
 impl Want {
     pub(crate) fn any_but(avoid: &[String]) -> Self {
-        Want { avoid: avoid.to_vec(), only: None }
+        Want { avoid: avoid.to_vec(), only: None, prefer: None }
     }
 
     pub(crate) fn only(url: &str) -> Self {
-        Want { avoid: Vec::new(), only: Some(url.to_string()) }
+        Want { avoid: Vec::new(), only: Some(url.to_string()), prefer: None }
+    }
+
+    /// The same, but `url` first whenever it is in rotation with a free slot.
+    pub(crate) fn preferring(self, url: Option<String>) -> Self {
+        Want { prefer: url, ..self }
     }
 
     fn allows(&self, backend: &Backend) -> bool {
@@ -298,12 +306,15 @@ impl Queue {
 /// Index (to be taken modulo `live.len()`) of the first backend from the cursor that `want`
 /// allows and that has a free slot.
 fn pick(live: &[&Arc<Backend>], want: &Want, turn: usize) -> Option<usize> {
+    let usable = |backend: &Backend| want.allows(backend) && backend.has_free_slot();
+    if let Some(preferred) = &want.prefer {
+        if let Some(k) = live.iter().position(|b| b.url == *preferred && usable(b)) {
+            return Some(k);
+        }
+    }
     let n = live.len();
     let start = turn.checked_rem(n)?;
-    (start..start + n).find(|&k| {
-        let backend = live[k % n];
-        want.allows(backend) && backend.has_free_slot()
-    })
+    (start..start + n).find(|&k| usable(live[k % n]))
 }
 
 fn no_backend_in_rotation() -> ApiError {

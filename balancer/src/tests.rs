@@ -296,7 +296,7 @@ async fn work_waits_for_a_backend_to_come_back_into_rotation() {
 }
 
 #[tokio::test]
-async fn buys_go_round_robin_and_other_writes_to_the_leader() {
+async fn buys_go_to_the_leader_while_it_has_a_free_slot_and_other_writes_to_the_leader() {
     let f1 = TestBackend::start("f1", Role::Follower).await;
     let leader = TestBackend::start("l", Role::Leader).await;
     let f2 = TestBackend::start("f2", Role::Follower).await;
@@ -311,11 +311,40 @@ async fn buys_go_round_robin_and_other_writes_to_the_leader() {
         assert_eq!(code, 200);
         served_by.push(backend);
     }
-    assert_eq!((f1.hits(), leader.hits(), f2.hits()), (2, 2, 2), "buys served by {served_by:?}");
+    assert_eq!((f1.hits(), leader.hits(), f2.hits()), (0, 6, 0), "buys served by {served_by:?}");
     for _ in 0..3 {
         assert_eq!(send(client.post(format!("{balancer}/orders/1/cancel"))).await, (200, leader.url.clone()));
     }
-    assert_eq!((f1.hits(), leader.hits(), f2.hits()), (2, 5, 2));
+    assert_eq!((f1.hits(), leader.hits(), f2.hits()), (0, 9, 0));
+    // Reads take no such turn: round-robin over all three.
+    for _ in 0..6 {
+        assert_eq!(send(client.get(format!("{balancer}/orders/1"))).await.0, 200);
+    }
+    assert_eq!((f1.hits(), leader.hits(), f2.hits()), (2, 11, 2));
+}
+
+#[tokio::test]
+async fn buys_spill_over_to_followers_when_the_leaders_slots_are_taken() {
+    let f1 = TestBackend::start("f1", Role::Follower).await;
+    let leader = TestBackend::start("l", Role::Leader).await;
+    let f2 = TestBackend::start("f2", Role::Follower).await;
+    for b in [&f1, &leader, &f2] {
+        b.emulate(2, 300);
+    }
+    let balancer = start_balancer(Tier::Order, &[&f1, &leader, &f2]).await;
+    wait_for(&balancer, "the leader", |s| s["details"]["leader"] == leader.url.as_str() && rotation(s).len() == 3)
+        .await;
+    let client = reqwest::Client::new();
+    let buys = (0..6).map(|_| {
+        let request = client.post(format!("{balancer}/orders")).header(headers::IDEMPOTENCY_KEY, "k");
+        tokio::spawn(send(request))
+    });
+    for buy in buys.collect::<Vec<_>>() {
+        assert_eq!(buy.await.unwrap().0, 200);
+    }
+    // Six at once: the leader's two slots, then the followers' (no buy waited for the leader).
+    assert_eq!((f1.hits(), leader.hits(), f2.hits()), (2, 2, 2));
+    assert_eq!(leader.max_active(), 2);
 }
 
 #[tokio::test]

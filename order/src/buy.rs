@@ -4,11 +4,11 @@
 //! timeout, by the client's retry or by the recovery task.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use quire_common::api::{Decrement, DecrementResult, Order, OrderState, PlaceOrder, Receipt};
-use quire_common::client::{call, CallError, ATTEMPT_TIMEOUT};
+use quire_common::client::{call, decode, CallError, ATTEMPT_TIMEOUT};
 use quire_common::{headers, ApiError, Deadline};
 use quire_raft::Replica;
 use tracing::Instrument;
@@ -22,11 +22,21 @@ pub struct Shop {
     pub catalog: Arc<Vec<String>>,
     pub token: Arc<str>,
     next_catalog: Arc<AtomicUsize>,
+    /// The catalog leader, as named by the balancer that passed the last decrement on (a
+    /// write's balancer does nothing but find the leader): decrements go straight there
+    /// until an attempt there fails, and then through a balancer again.
+    catalog_leader: Arc<Mutex<Option<String>>>,
 }
 
 impl Shop {
     pub fn new(replica: Arc<Replica>, catalog: Vec<String>, token: Arc<str>) -> Self {
-        Shop { replica, catalog: Arc::new(catalog), token, next_catalog: Arc::new(AtomicUsize::new(0)) }
+        Shop {
+            replica,
+            catalog: Arc::new(catalog),
+            token,
+            next_catalog: Arc::new(AtomicUsize::new(0)),
+            catalog_leader: Arc::default(),
+        }
     }
 
     async fn propose(&self, command: Command, deadline: Deadline) -> Result<Order, ApiError> {
@@ -91,25 +101,45 @@ impl Shop {
         self.propose(Command::Settle { key: order.key.clone(), result }, deadline).await
     }
 
-    /// Asks a catalog balancer to decrement, retrying with the same key until the deadline
-    /// whenever the outcome is unknown or the catalog is between leaders.
+    /// Asks the catalog leader (straight, when known; else through a catalog balancer) to
+    /// decrement, retrying with the same key until the deadline whenever the outcome is
+    /// unknown or the catalog is between leaders. The key makes every repeat a no-op, so
+    /// a failed attempt at a leader that is no more is retried through a balancer at once.
     async fn decrement(&self, order: &Order, deadline: Deadline) -> Result<DecrementResult, ApiError> {
         let body = Decrement { key: order.key.clone(), quantity: order.quantity };
         loop {
-            let n = self.next_catalog.fetch_add(1, Ordering::Relaxed);
-            let balancer = &self.catalog[n % self.catalog.len()];
+            let leader = self.catalog_leader.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            let target = match &leader {
+                Some(leader) => leader,
+                None => &self.catalog[self.next_catalog.fetch_add(1, Ordering::Relaxed) % self.catalog.len()],
+            };
             let request = self
                 .replica
                 .client
-                .post(format!("{balancer}/books/{}/decrement", order.item_id))
+                .post(format!("{target}/books/{}/decrement", order.item_id))
                 .header(headers::TOKEN, &*self.token)
                 .header(headers::IDEMPOTENCY_KEY, &order.key)
                 .header(headers::DEADLINE, deadline.header_value())
                 .timeout(deadline.remaining().clamp(Duration::from_millis(1), ATTEMPT_TIMEOUT))
                 .json(&body);
-            let error = match call::<DecrementResult>(request).instrument(tracing::info_span!("order.decrement")).await
-            {
-                Ok(result) => return Ok(result),
+            let span =
+                tracing::info_span!("order.decrement", hop = if leader.is_some() { "leader" } else { "balancer" });
+            let (answer, served_by) = async {
+                let response = request.send().await.map_err(CallError::from_reqwest)?;
+                let served_by = response.headers().get(headers::SERVED_BY).and_then(|v| v.to_str().ok());
+                let served_by = served_by.map(String::from);
+                Ok((decode::<DecrementResult>(response).await, served_by))
+            }
+            .instrument(span)
+            .await
+            .unwrap_or_else(|e| (Err(e), None));
+            let error = match answer {
+                Ok(result) => {
+                    if leader.is_none() {
+                        *self.catalog_leader.lock().unwrap_or_else(PoisonError::into_inner) = served_by;
+                    }
+                    return Ok(result);
+                }
                 Err(CallError::Api(e))
                     if !matches!(e.code, "unavailable" | "not_leader" | "deadline_exceeded" | "dropped") =>
                 {
@@ -117,6 +147,11 @@ impl Shop {
                 }
                 Err(e) => e,
             };
+            if leader.is_some() {
+                tracing::debug!(key = %order.key, %error, "the catalog leader did not decrement; through a balancer now");
+                *self.catalog_leader.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                continue;
+            }
             if deadline.remaining() < Duration::from_millis(60) {
                 tracing::warn!(key = %order.key, %error, "catalog decrement unfinished at the deadline; recovery will finish it");
                 return Err(ApiError::deadline_exceeded(
