@@ -33,9 +33,19 @@ EDGE=$(url_of edge); FRONTEND=$(url_of frontend-1); CATALOG_BALANCER=$(url_of ca
 also_stop $!
 for _ in $(seq 1 50); do [ -s "$TMP/baseline.addr" ] && break; sleep 0.1; done
 BASELINE="http://$(cat "$TMP/baseline.addr")"
+BASELINE_PID=$!
+QUIRE_PIDS=$(status | jq -r '.servers[].pid' | tr '\n' ' ')
 
 # Warm the caches.
 for i in $(seq 1 5); do curl -sf "$FRONTEND/lookup/1" >/dev/null; curl -sf "$EDGE/lookup/1" >/dev/null; done
+
+# CPU time (utime + stime, proc(5)) of the processes in METER, in clock ticks.
+HZ=$(getconf CLK_TCK)
+ticks() {
+  local total=0 pid
+  for pid in $METER; do total=$(( total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0) )); done
+  echo "$total"
+}
 
 RESULTS=()
 run() { # name, url, [script]: the better of two runs (this machine's rates vary run to run)
@@ -43,8 +53,13 @@ run() { # name, url, [script]: the better of two runs (this machine's rates vary
   local conns=${C:-$CONNS}
   local args=(-t "$(( THREADS < conns ? THREADS : conns ))" -c "$conns" -d "$DURATION" --latency)
   [ -n "$script" ] && args+=(-s "$script")
-  local out first second
+  local out first second before cpu
+  before=$(ticks)
   first=$(wrk "${args[@]}" "$url"); second=$(wrk "${args[@]}" "$url")
+  # CPU per request over both runs: what the metered servers burned, wrk not counted.
+  cpu=$(awk -v t="$(( $(ticks) - before ))" -v hz="$HZ" \
+    -v n="$(awk '/requests in/ {s += $1} END {print s}' <<<"$first"$'\n'"$second")" \
+    'BEGIN {printf "%.3f", (n > 0 ? t / hz * 1000 / n : 0)}')
   if awk -v a="$(awk '/Requests\/sec/ {print $2}' <<<"$first")" -v b="$(awk '/Requests\/sec/ {print $2}' <<<"$second")" 'BEGIN {exit !(a >= b)}'; then
     out=$first
   else
@@ -54,11 +69,12 @@ run() { # name, url, [script]: the better of two runs (this machine's rates vary
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
   errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
-  RESULTS+=("$(printf '%-34s %12s %10s  %s' "$name" "$rps" "$p99" "$errors")")
+  RESULTS+=("$(printf '%-34s %12s %10s %8s  %s' "$name" "$rps" "$p99" "$cpu" "$errors")")
   echo "done: $name ($rps rps)" >&2
 }
 
-run "bare axum, same JSON (baseline)" "$BASELINE/lookup/1"
+METER=$BASELINE_PID run "bare axum, same JSON (baseline)" "$BASELINE/lookup/1"
+METER=$QUIRE_PIDS
 run "cached lookup, one frontend" "$FRONTEND/lookup/1"
 run "lookup through the edge" "$EDGE/lookup/1"
 PREFIX=/books run "uncached linearizable lookup" "$CATALOG_BALANCER" bench/lookup_many.lua
@@ -68,6 +84,7 @@ C=1 run "buy through the edge, c1" "$EDGE" bench/buy.lua
 # A 3-member etcd cluster on loopback, fsync on (etcd's default), started only now so its
 # start-up work does not load the machine during the quire runs.
 ETCD_CLUSTER=""
+ETCD_PIDS=""
 declare -a ETCD_CLIENT
 for i in 1 2 3; do
   peer=$(free_port); ETCD_CLIENT[$i]=$(free_port)
@@ -81,7 +98,9 @@ for i in 1 2 3; do
     --listen-peer-urls "http://127.0.0.1:${!peer_var}" --initial-advertise-peer-urls "http://127.0.0.1:${!peer_var}" \
     --initial-cluster "${ETCD_CLUSTER%,}" --initial-cluster-state new >"$TMP/etcd$i.log" 2>&1 &
   also_stop $!
+  ETCD_PIDS+="$! "
 done
+METER=$ETCD_PIDS
 ETCD="http://127.0.0.1:${ETCD_CLIENT[1]}"
 for _ in $(seq 1 100); do curl -sf "$ETCD/health" | grep -q true && break; sleep 0.2; done
 
@@ -98,7 +117,7 @@ run "etcd linearizable range, follower" "$ETCD_FOLLOWER" bench/etcd_range.lua
 
 echo
 echo "quire benchmark: wrk -t$THREADS -c$CONNS -d$DURATION on $(nproc) cores"
-printf '%-34s %12s %10s  %s\n' "what" "requests/s" "p99" "notes"
+printf '%-34s %12s %10s %8s  %s\n' "what" "requests/s" "p99" "CPU ms" "notes"
 printf '%s\n' "${RESULTS[@]}"
 echo
 echo "resident memory after the runs:"
