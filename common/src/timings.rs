@@ -3,19 +3,22 @@
 //!
 //! A span is one hop or one step: `serve` (a request this server answered, by route),
 //! `forward` (a balancer passing a request on), `raft.write` (a proposal until applied),
+//! `raft.entry` (one log entry, carrying one write or a batch, until applied),
 //! `raft.append` (the log's append and fsync), `raft.apply`, `raft.send` (one Raft RPC),
 //! `hold` (the catalog leader holding a book at every leased frontend), and so on. A span
 //! may carry a field `hop` (a route, a tier): it is added to the name. Times are wall
 //! times, waits included, so nested spans overlap: `bench/spans.sh` reads the sums before
 //! and after a benchmark run and prints what each span costs a request on average.
 //!
-//! The totals are kept per process in a small map behind a mutex, taken once per closed
-//! span. A span costs a few microseconds (every logging layer formats its fields), so the
-//! hops every request takes are timed by a [`Stopwatch`] instead, under the same names.
+//! The totals are kept per process: one [`Counter`] of atomics per name, found by name in a
+//! small map behind a mutex. A span costs a few microseconds (every logging layer formats
+//! its fields), so the hops every request takes are timed by a [`Stopwatch`] instead, under
+//! the same names; one started on a [`Counter`] kept by its caller takes no lock at all.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -33,7 +36,36 @@ pub struct Total {
     pub time: Duration,
 }
 
-static TOTALS: Mutex<BTreeMap<String, Total>> = Mutex::new(BTreeMap::new());
+/// The running totals of one name, updated without a lock. Made once per name by
+/// [`counter`] and never freed (names are few: spans, hops and routes).
+#[derive(Debug, Default)]
+pub struct Counter {
+    count: AtomicU64,
+    nanos: AtomicU64,
+}
+
+impl Counter {
+    fn add(&self, took: Duration) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.nanos.fetch_add(took.as_nanos().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+    }
+
+    fn total(&self) -> Total {
+        let (count, nanos) = (self.count.load(Ordering::Relaxed), self.nanos.load(Ordering::Relaxed));
+        Total { count, time: Duration::from_nanos(nanos) }
+    }
+}
+
+static COUNTERS: Mutex<BTreeMap<String, &'static Counter>> = Mutex::new(BTreeMap::new());
+
+/// The counter of `key`, made on first use.
+pub fn counter(key: &str) -> &'static Counter {
+    let mut counters = COUNTERS.lock().unwrap_or_else(PoisonError::into_inner);
+    match counters.get(key) {
+        Some(counter) => counter,
+        None => counters.entry(key.to_string()).or_insert_with(|| Box::leak(Box::default())),
+    }
+}
 
 /// The layer that times spans; installed by [`crate::telemetry::init`].
 pub struct Timings;
@@ -80,18 +112,12 @@ where
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(&id) else { return };
         let Some(started) = span.extensions_mut().remove::<Started>() else { return };
-        record(started.key.into(), started.at.elapsed());
+        record(&started.key, started.at.elapsed());
     }
 }
 
-fn record(key: Cow<'static, str>, took: Duration) {
-    let mut totals = TOTALS.lock().unwrap_or_else(PoisonError::into_inner);
-    let total = match totals.get_mut(&*key) {
-        Some(total) => total,
-        None => totals.entry(key.into_owned()).or_default(),
-    };
-    total.count += 1;
-    total.time += took;
+fn record(key: &str, took: Duration) {
+    counter(key).add(took);
 }
 
 /// Times from its start until it is dropped and adds the time to `key`, as a span of that
@@ -99,27 +125,31 @@ fn record(key: Cow<'static, str>, took: Duration) {
 /// and `queue`), where a tracing span, formatted by every logging layer, would cost a
 /// cached lookup more than the lookup itself.
 pub struct Stopwatch {
-    key: Option<Cow<'static, str>>,
+    counter: &'static Counter,
     started: Instant,
 }
 
 impl Stopwatch {
     pub fn start(key: impl Into<Cow<'static, str>>) -> Self {
-        Stopwatch { key: Some(key.into()), started: Instant::now() }
+        Stopwatch::on(counter(&key.into()))
+    }
+
+    /// Times into `counter`, found by the caller once (no lock here or when it stops).
+    pub fn on(counter: &'static Counter) -> Self {
+        Stopwatch { counter, started: Instant::now() }
     }
 }
 
 impl Drop for Stopwatch {
     fn drop(&mut self) {
-        if let Some(key) = self.key.take() {
-            record(key, self.started.elapsed());
-        }
+        self.counter.add(self.started.elapsed());
     }
 }
 
 /// Every span name timed so far in this process, with its totals.
 pub fn totals() -> BTreeMap<String, Total> {
-    TOTALS.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    let counters = COUNTERS.lock().unwrap_or_else(PoisonError::into_inner);
+    counters.iter().map(|(key, counter)| (key.clone(), counter.total())).collect()
 }
 
 /// The totals in Prometheus' text format, each series labelled with `labels` (for example
