@@ -37,7 +37,7 @@ impl Machine for Kv {
             return Ok(json!({"error": "bad command"}));
         };
         tx.execute("INSERT OR REPLACE INTO kv (k, v, version) VALUES (?1, ?2, ?3)", rusqlite::params![k, v, index])?;
-        Ok(json!({"ok": index}))
+        Ok(json!({"ok": index, "k": k}))
     }
 }
 
@@ -358,6 +358,54 @@ async fn a_command_that_cannot_apply_is_rejected_and_the_group_goes_on() {
     put(&nodes, "c", "3").await;
     converge(&nodes.iter().collect::<Vec<_>>()).await;
     assert_eq!(get(nodes.last().unwrap(), "c").await.as_deref(), Some("3"));
+}
+
+/// Group commit: writes proposed at once share log entries, yet each gets its own answer,
+/// a rejected one and a stale-term one among them fail alone, and the replicas agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_proposed_together_share_entries_and_are_answered_one_by_one() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(root.path()).await;
+    put(&nodes, "warm", "up").await;
+    let leader = leader_of(&nodes.iter().collect::<Vec<_>>()).await;
+    let replica = nodes.iter().find(|n| n.replica.id == leader).unwrap().replica.clone();
+    let term = replica.leading_term().unwrap();
+    let before = replica.metrics().last_log_index.unwrap();
+    let writes = (0..200).map(|i| {
+        let replica = replica.clone();
+        tokio::spawn(async move {
+            match i {
+                // Breaks the value's CHECK constraint: rolled back alone.
+                50 => replica.propose(json!({"k": "k50", "v": "x".repeat(100)})).await,
+                // Bound to a term this leader never led.
+                100 => replica.propose_in_term(term + 1, json!({"k": "k100", "v": "stale"})).await,
+                _ => replica.propose(json!({"k": format!("k{i}"), "v": format!("v{i}")})).await,
+            }
+        })
+    });
+    let mut indexes = std::collections::BTreeSet::new();
+    for (i, write) in writes.collect::<Vec<_>>().into_iter().enumerate() {
+        match (i, write.await.unwrap()) {
+            (50, Err(WriteError::Rejected(_))) | (100, Err(WriteError::StaleTerm)) => {}
+            (50 | 100, other) => panic!("write {i} was answered {other:?}"),
+            (_, Ok(applied)) => {
+                let own = json!({"ok": applied.index, "k": format!("k{i}")});
+                assert_eq!(applied.response, own, "write {i} got another's answer");
+                indexes.insert(applied.index);
+            }
+            (_, Err(e)) => panic!("write {i} failed: {e}"),
+        }
+    }
+    let entries = replica.metrics().last_log_index.unwrap() - before;
+    assert!(entries < 100, "200 writes at once took {entries} entries: not batched");
+    assert!(indexes.iter().all(|&i| i > before && i <= before + entries), "answers name entries of these writes");
+    converge(&nodes.iter().collect::<Vec<_>>()).await;
+    for n in &nodes {
+        assert_eq!(get(n, "k7").await.as_deref(), Some("v7"));
+        assert_eq!(get(n, "k50").await, None, "the rejected write changed nothing");
+        assert_eq!(get(n, "k100").await, None, "the stale-term write changed nothing");
+        assert_eq!(get(n, "k199").await.as_deref(), Some("v199"));
+    }
 }
 
 /// A voter that comes back with an empty directory never votes as the node whose log it
