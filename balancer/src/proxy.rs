@@ -68,8 +68,8 @@ struct Served {
 /// Whether a request occupies a worker slot of the backend serving it, and so goes through the
 /// tier's queue: everything a frontend serves; replicas' reads; and the order tier's buys,
 /// which any replica takes (it does the app work and forwards the write to its leader; the
-/// leader's slots are taken first, see [`Route`]). Other
-/// writes of a Raft tier cost the leader a write's latency, not a slot, and bypass the queue.
+/// leader's slots are taken first, see [`Route`]). Other writes of a Raft tier cost the
+/// leader a write's latency, not a slot, and bypass the queue.
 pub(crate) fn is_work(tier: Tier, method: &Method, path: &str) -> bool {
     let read = method == Method::GET || method == Method::HEAD;
     match tier {
@@ -215,9 +215,9 @@ async fn attempt_all(balancer: &Balancer, request: Request, work: bool) -> Resul
 /// Where a request's attempts go, one after the other.
 ///
 /// Work takes a slot from the tier's queue for every attempt, on a backend not tried yet (or
-/// on the leader a `not_leader` hint names); a buy takes the leader's whenever it is free. Other requests (a Raft tier's writes) go to the
-/// leader first, then to every backend in rotation from the round-robin cursor, as planned
-/// when they arrive.
+/// on the leader a `not_leader` hint names); a buy takes the leader's whenever it is free.
+/// Other requests (a Raft tier's writes) go to the leader first, then to every backend in
+/// rotation from the round-robin cursor, as planned when they arrive.
 struct Route<'a> {
     balancer: &'a Balancer,
     work: bool,

@@ -5,9 +5,9 @@
 //! to order cached values against invalidations. Several writes to a book may share one
 //! entry (group commit): they share its version too, which is sound because no reader
 //! sees a state between two commands of one entry (the entry is applied in one
-//! transaction) and every hold on the book is released to that version or a later one. Full-text search (FTS5) is an external-
-//! content index kept by triggers, so it is rebuilt for free when a snapshot is installed
-//! and never touched by stock changes.
+//! transaction) and every hold on the book is released to that version or a later one.
+//! Full-text search (FTS5) is an external-content index kept by triggers, so it is rebuilt
+//! for free when a snapshot is installed and never touched by stock changes.
 
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};

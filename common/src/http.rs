@@ -70,13 +70,16 @@ fn serve_counter(request: &Request) -> &'static crate::timings::Counter {
     use axum::http::Method;
     use std::collections::HashMap;
     use std::sync::{PoisonError, RwLock};
-    type Counters = HashMap<Box<str>, Vec<(Method, &'static crate::timings::Counter)>>;
+    /// By route, then by method (`None`: any method outside the standard ones).
+    type Counters = HashMap<Box<str>, Vec<(Option<Method>, &'static crate::timings::Counter)>>;
     static COUNTERS: RwLock<Option<Counters>> = RwLock::new(None);
+    const STANDARD: [Method; 7] =
+        [Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::DELETE, Method::PATCH, Method::OPTIONS];
     let route = request.extensions().get::<axum::extract::MatchedPath>().map_or("(no route)", |p| p.as_str());
-    let method = if is_standard(request.method()) { request.method() } else { &Method::CONNECT };
+    let method = Some(request.method()).filter(|m| STANDARD.contains(m));
     let find = |counters: &Option<Counters>| {
         let by_method = counters.as_ref()?.get(route)?;
-        by_method.iter().find(|(m, _)| m == method).map(|(_, counter)| *counter)
+        by_method.iter().find(|(m, _)| m.as_ref() == method).map(|(_, counter)| *counter)
     };
     if let Some(counter) = find(&COUNTERS.read().unwrap_or_else(PoisonError::into_inner)) {
         return counter;
@@ -85,16 +88,9 @@ fn serve_counter(request: &Request) -> &'static crate::timings::Counter {
     if let Some(counter) = find(&counters) {
         return counter;
     }
-    let name = if *method == Method::CONNECT { "OTHER" } else { method.as_str() };
-    let counter = crate::timings::counter(&format!("serve {name} {route}"));
-    counters.get_or_insert_with(HashMap::new).entry(route.into()).or_default().push((method.clone(), counter));
+    let counter = crate::timings::counter(&format!("serve {} {route}", method.map_or("OTHER", Method::as_str)));
+    counters.get_or_insert_with(HashMap::new).entry(route.into()).or_default().push((method.cloned(), counter));
     counter
-}
-
-fn is_standard(method: &axum::http::Method) -> bool {
-    use axum::http::Method;
-    [Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::DELETE, Method::PATCH, Method::OPTIONS]
-        .contains(method)
 }
 
 /// Turns axum's plain-text rejections (405, 413, 415, 400 on bad paths) into the documented

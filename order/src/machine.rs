@@ -2,8 +2,8 @@
 //!
 //! An order is born `pending` when its key is first placed (its id is one more than the
 //! highest so far, so ids follow the order in which keys were placed, and every replica
-//! picks the same one) and settles once, to `confirmed` or `failed`, with the catalog's answer
-//! for the key. Repeats of either command return the row as it stands.
+//! picks the same one) and settles once, to `confirmed` or `failed`, with the catalog's
+//! answer for the key. Repeats of either command return the row as it stands.
 
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
