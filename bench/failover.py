@@ -124,6 +124,28 @@ def terms():
     return out
 
 
+def watch_election(survivors, term, killed):
+    """FAILOVER_VERBOSE: when each survivor first names a leader of a later term."""
+    seen = {}
+    while len(seen) < len(survivors) and time.monotonic() < killed + 3:
+        for s in survivors:
+            if s["name"] in seen:
+                continue
+            url = urllib.parse.urlparse(s["url"])
+            try:
+                conn = http.client.HTTPConnection(url.hostname, url.port, timeout=1)
+                conn.request("GET", "/status")
+                body = json.loads(conn.getresponse().read())
+                conn.close()
+            except (OSError, ValueError, http.client.HTTPException):
+                continue
+            if body.get("term", 0) > term and body.get("leader") is not None:
+                seen[s["name"]] = (time.monotonic() - killed, body.get("term"), body.get("role"))
+        time.sleep(0.005)
+    for name, (at, t, role) in sorted(seen.items(), key=lambda kv: kv[1][0]):
+        print(f"    {name} sees a leader of term {t} (itself {role}) {1000 * at:.0f} ms after the kill")
+
+
 threads = [threading.Thread(target=buyer, args=(n,)) for n in range(BUYERS)]
 threads += [threading.Thread(target=reader, args=(n,)) for n in range(READERS)]
 for t in threads:
@@ -138,8 +160,11 @@ for round_ in range(KILLS):
         mark = time.monotonic()
         wait_until("buys to flow", lambda: len(acked_since(mark)) >= 20)
         leader = next(s for s in status() if s["tier"] == group and s["role"] == "leader")
+        survivors = [s for s in status() if s["tier"] == group and s["name"] != leader["name"]]
         killed = time.monotonic()
         os.kill(leader["pid"], signal.SIGKILL)
+        if os.environ.get("FAILOVER_VERBOSE"):
+            threading.Thread(target=watch_election, args=(survivors, leader["term"], killed)).start()
         wait_until(f"a buy after killing {leader['name']}", lambda: acked_since(killed), timeout=30)
         first = min(b[1] for b in acked_since(killed))
         failovers[group].append(first - killed)

@@ -194,11 +194,11 @@ struct RaftArgs {
     #[arg(long)]
     balancer: Vec<String>,
     /// Raft heartbeat; openraft also gives each AppendEntries this long to complete.
-    #[arg(long, env = "QUIRE_HEARTBEAT", default_value = "60ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "QUIRE_HEARTBEAT", default_value = "50ms", value_parser = humantime::parse_duration)]
     heartbeat: Duration,
-    #[arg(long, env = "QUIRE_ELECTION_MIN", default_value = "100ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "QUIRE_ELECTION_MIN", default_value = "80ms", value_parser = humantime::parse_duration)]
     election_min: Duration,
-    #[arg(long, env = "QUIRE_ELECTION_MAX", default_value = "160ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "QUIRE_ELECTION_MAX", default_value = "120ms", value_parser = humantime::parse_duration)]
     election_max: Duration,
     /// Snapshot (and purge the log) every this many entries.
     #[arg(long, default_value_t = 5000)]

@@ -37,9 +37,9 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            heartbeat: Duration::from_millis(60),
-            election_min: Duration::from_millis(100),
-            election_max: Duration::from_millis(160),
+            heartbeat: Duration::from_millis(50),
+            election_min: Duration::from_millis(80),
+            election_max: Duration::from_millis(120),
             snapshot_every: 5_000,
         }
     }
