@@ -232,7 +232,8 @@ struct OrderArgs {
     raft: RaftArgs,
     #[arg(long, required = true)]
     catalog_balancer: Vec<String>,
-    /// Pending orders older than this are finished by the recovery task.
+    /// A catalog sale still without an order this long after the reconciler first saw it
+    /// is given its order.
     #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
     recover_after: Duration,
 }

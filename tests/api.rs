@@ -221,6 +221,49 @@ async fn caches_stay_coherent_and_stop_serving_without_a_lease() {
     wait_for("frontend-1 to serve again", Duration::from_secs(20), || lookup(f1.clone())).await;
 }
 
+/// A buy is the catalog's decrement and then the order's record. A sale whose buy stopped
+/// in between (its order leader killed, its client gone) is made here by sending the
+/// decrement alone: the order leader's reconciler must give it the order it should have,
+/// and a retry of the buy with its key must learn that order and buy nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sale_left_without_its_order_is_given_one() {
+    let t = TestStore::start(Options { books: vec![(1, 5)], ..Options::default() }).await;
+    let leader = t.url(&t.leader("catalog").await);
+    let decrement = |key: &'static str, quantity: u32| {
+        let request = t
+            .client
+            .post(format!("{leader}/books/1/decrement"))
+            .header(quire_common::headers::TOKEN, &t.token)
+            .json(&json!({"key": key, "quantity": quantity}));
+        async move {
+            let r = request.send().await.expect("decrement");
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.expect("answer")["outcome"].clone()
+        }
+    };
+    assert_eq!(decrement("stopped-after-the-sale", 2).await, "sold");
+    assert_eq!(decrement("stopped-after-a-refusal", 9).await, "out_of_stock");
+    let orders = wait_for("both sales to get their orders", Duration::from_secs(30), || async {
+        let orders: Vec<Value> = t.admin_get("order-1", "/admin/orders").await?;
+        (orders.len() == 2).then_some(orders)
+    })
+    .await;
+    let by_key = |key: &str| orders.iter().find(|o| o["key"] == key).cloned().expect("an order for the key");
+    let sold = by_key("stopped-after-the-sale");
+    assert_eq!((&sold["state"], &sold["item_id"], &sold["quantity"]), (&json!("confirmed"), &json!(1), &json!(2)));
+    let refused = by_key("stopped-after-a-refusal");
+    assert_eq!((&refused["state"], &refused["reason"]), (&json!("failed"), &json!("out_of_stock")));
+
+    // The client's retry learns the order; with another quantity it is told the key is used.
+    let (s, receipt) = buy(&t, "1", Some("stopped-after-the-sale"), Some(r#"{"quantity": 2}"#)).await;
+    assert_eq!((s, &receipt["order_id"]), (200, &sold["order_id"]), "{receipt}");
+    let (s, conflict) = buy(&t, "1", Some("stopped-after-the-sale"), Some(r#"{"quantity": 1}"#)).await;
+    assert_eq!((s, conflict["error"].as_str()), (400, Some("invalid_key")));
+    assert_eq!(get(&t, "/lookup/1").await.1["stock"], 3, "one sale of two copies, however often asked");
+    let orders: Vec<Value> = t.admin_get("order-1", "/admin/orders").await.expect("orders");
+    assert_eq!(orders.len(), 2);
+}
+
 fn deadline_ms(budget: u64) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
     (now + budget).to_string()

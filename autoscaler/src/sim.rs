@@ -7,8 +7,8 @@
 //!   row (a search or a lookup each), then, if every browse was on time, may buy once.
 //! - Every request goes through the frontend tier (60 ms on one slot). A lookup then hits the
 //!   frontend's cache or, like a search, goes through the catalog tier (app + DB read, 250 ms).
-//!   A buy goes to the order tier (app work, 200 ms) and then waits for its three Raft writes
-//!   (600 ms of latency that holds no slot).
+//!   A buy goes to the order tier (app work, 200 ms) and then waits for its two Raft writes
+//!   (400 ms of latency that holds no slot).
 //! - Each tier is one central FIFO queue in front of the slots of its ready servers. A request
 //!   is dropped when, at the moment a slot could take it, it can no longer finish by its
 //!   deadline (its tier's slot time plus the fixed costs known to follow): a *pre-drop* if it

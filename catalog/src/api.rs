@@ -20,7 +20,7 @@ use quire_common::{ApiError, Deadline};
 use quire_raft::{Applied, Replica, WriteError};
 
 use crate::leases::{Leases, Refusal};
-use crate::machine::Command;
+use crate::machine::{sale_from_row, Command, SALE_COLUMNS};
 
 /// Budget of a request that arrives without a deadline header.
 const DEFAULT_BUDGET: Duration = Duration::from_secs(5);
@@ -42,6 +42,7 @@ pub fn router(catalog: Catalog, token: Token) -> Router {
         .route("/books/:id/restock", post(restock))
         .route("/leases", post(lease))
         .route("/admin/ledger", get(ledger))
+        .route("/internal/sales", get(sales))
         .with_state(catalog);
     reads.merge(guarded(writes, token))
 }
@@ -374,6 +375,37 @@ async fn ledger(State(c): State<Catalog>) -> Result<axum::Json<Ledger>, ApiError
         .await
         .map_err(storage)?;
     Ok(axum::Json(Ledger { applied_index, books, sold_keys, restocks }))
+}
+
+#[derive(Deserialize)]
+struct SalesParams {
+    #[serde(default)]
+    after: u64,
+    limit: Option<u32>,
+}
+
+/// Most sales one `GET /internal/sales` returns.
+pub const MAX_SALES_PAGE: u32 = 256;
+
+/// `GET /internal/sales?after=SEQ&limit=N`: how many sales there are, and the sales after
+/// `after` in the order applied (`limit=0`: none); linearizable, on any replica.
+async fn sales(State(c): State<Catalog>, Query(params): Query<SalesParams>) -> Result<axum::Json<SalesPage>, ApiError> {
+    let limit = params.limit.unwrap_or(MAX_SALES_PAGE).min(MAX_SALES_PAGE);
+    c.replica.read_barrier(Deadline::after(DEFAULT_BUDGET)).await?;
+    let page = c
+        .replica
+        .reads
+        .query(move |conn| {
+            let last_seq: i64 = conn.query_row("SELECT coalesce(max(seq), 0) FROM sales", [], |r| r.get(0))?;
+            let sales = conn
+                .prepare_cached(&format!("SELECT {SALE_COLUMNS} FROM sales WHERE seq > ?1 ORDER BY seq LIMIT ?2"))?
+                .query_map([params.after as i64, i64::from(limit)], sale_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(SalesPage { last_seq: last_seq as u64, sales })
+        })
+        .await
+        .map_err(storage)?;
+    Ok(axum::Json(page))
 }
 
 #[cfg(test)]

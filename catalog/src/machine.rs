@@ -13,7 +13,7 @@ use rusqlite::{params, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use quire_common::api::{DecrementOutcome, DecrementResult, MAX_STOCK};
+use quire_common::api::{DecrementOutcome, DecrementResult, Sale, MAX_STOCK};
 
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS books (
@@ -37,9 +37,11 @@ CREATE TRIGGER IF NOT EXISTS books_fts_update AFTER UPDATE OF title, topic ON bo
     INSERT INTO books_fts (books_fts, rowid, title, topic) VALUES ('delete', old.id, old.title, old.topic);
     INSERT INTO books_fts (rowid, title, topic) VALUES (new.id, new.title, new.topic);
 END;
--- One row per idempotency key ever decremented: the answer every repeat gets.
+-- One row per idempotency key ever decremented, in the order applied (`seq`): the answer
+-- every repeat gets, and what the order leader gives an order to (`GET /internal/sales`).
 CREATE TABLE IF NOT EXISTS sales (
-    key TEXT PRIMARY KEY,
+    seq INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
     item_id INTEGER NOT NULL,
     quantity INTEGER NOT NULL,
     outcome TEXT NOT NULL,
@@ -132,6 +134,30 @@ fn load(tx: &Transaction<'_>, index: u64, books: &[NewBook], last: bool) -> rusq
     Ok(json!({ "added": added }))
 }
 
+/// The columns [`sale_from_row`] reads, in its order.
+pub const SALE_COLUMNS: &str = "seq, key, item_id, quantity, outcome, price_cents, stock_left";
+
+/// One `sales` row (version 0: a sale does not know its book's later versions).
+pub fn sale_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Sale> {
+    let outcome = match r.get::<_, String>(4)?.as_str() {
+        "sold" => DecrementOutcome::Sold,
+        "out_of_stock" => DecrementOutcome::OutOfStock,
+        _ => DecrementOutcome::NotFound,
+    };
+    Ok(Sale {
+        key: r.get(1)?,
+        result: DecrementResult {
+            item_id: r.get::<_, i64>(2)? as u64,
+            quantity: r.get(3)?,
+            seq: r.get::<_, i64>(0)? as u64,
+            outcome,
+            price_cents: r.get(5)?,
+            stock_left: r.get(6)?,
+            version: 0,
+        },
+    })
+}
+
 fn decrement(
     tx: &Transaction<'_>,
     index: u64,
@@ -141,8 +167,8 @@ fn decrement(
 ) -> rusqlite::Result<DecrementResult> {
     // Every statement here runs once per buy: prepared once per connection and kept.
     let previous = tx
-        .prepare_cached("SELECT outcome, price_cents, stock_left FROM sales WHERE key = ?1")?
-        .query_row([key], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+        .prepare_cached(&format!("SELECT {SALE_COLUMNS} FROM sales WHERE key = ?1"))?
+        .query_row([key], sale_from_row)
         .optional()?;
     let row_version = |tx: &Transaction<'_>| -> rusqlite::Result<u64> {
         let v: Option<i64> = tx
@@ -151,18 +177,28 @@ fn decrement(
             .optional()?;
         Ok(v.map_or(0, |v| v as u64))
     };
-    if let Some((outcome, price_cents, stock_left)) = previous {
-        let outcome = serde_json::from_value(Value::String(outcome)).unwrap_or(DecrementOutcome::NotFound);
-        return Ok(DecrementResult { outcome, price_cents, stock_left, version: row_version(tx)? });
+    if let Some(sale) = previous {
+        // The version is the book's now, of the book this decrement named (what its
+        // caller's caches hold), whichever book the key was first used for.
+        return Ok(DecrementResult { version: row_version(tx)?, ..sale.result });
     }
     let book = tx
         .prepare_cached("SELECT price_cents, stock, version FROM books WHERE id = ?1")?
         .query_row([item_id as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)? as u64)))
         .optional()?;
+    let answer = |outcome, price_cents, stock_left, version| DecrementResult {
+        item_id,
+        quantity,
+        seq: 0,
+        outcome,
+        price_cents,
+        stock_left,
+        version,
+    };
     let result = match book {
-        None => DecrementResult { outcome: DecrementOutcome::NotFound, price_cents: 0, stock_left: 0, version: 0 },
+        None => answer(DecrementOutcome::NotFound, 0, 0, 0),
         Some((price_cents, stock, version)) if stock < i64::from(quantity) => {
-            DecrementResult { outcome: DecrementOutcome::OutOfStock, price_cents, stock_left: stock, version }
+            answer(DecrementOutcome::OutOfStock, price_cents, stock, version)
         }
         Some((price_cents, stock, _)) => {
             let left = stock - i64::from(quantity);
@@ -171,14 +207,14 @@ fn decrement(
                 index as i64,
                 item_id as i64
             ])?;
-            DecrementResult { outcome: DecrementOutcome::Sold, price_cents, stock_left: left, version: index }
+            answer(DecrementOutcome::Sold, price_cents, left, index)
         }
     };
     let outcome =
         serde_json::to_value(result.outcome).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
     tx.prepare_cached(
-        "INSERT INTO sales (key, item_id, quantity, outcome, price_cents, stock_left, log_index)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO sales (seq, key, item_id, quantity, outcome, price_cents, stock_left, log_index)
+         VALUES (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
     .execute(params![
         key,
@@ -189,7 +225,7 @@ fn decrement(
         result.stock_left,
         index as i64
     ])?;
-    Ok(result)
+    Ok(DecrementResult { seq: tx.last_insert_rowid() as u64, ..result })
 }
 
 fn restock(tx: &Transaction<'_>, index: u64, item_id: u64, quantity: u32) -> rusqlite::Result<Value> {
@@ -248,10 +284,17 @@ mod tests {
         let sell = |key: &str, q| Command::Decrement { item_id: 1, key: key.into(), quantity: q };
         assert_eq!(run(&mut conn, 2, sell("a", 2))["outcome"], "sold");
         // A repeat of the key gets the recorded answer and changes nothing.
-        assert_eq!(
-            run(&mut conn, 3, sell("a", 2)),
-            json!({"outcome": "sold", "price_cents": 1500, "stock_left": 1, "version": 2})
-        );
+        let first = json!({
+            "item_id": 1, "quantity": 2, "seq": 1, "outcome": "sold", "price_cents": 1500, "stock_left": 1, "version": 2
+        });
+        assert_eq!(run(&mut conn, 3, sell("a", 2)), first);
+        // So does a repeat that names another quantity or book: the answer says which buy
+        // the key was first used for (the version is of the book named).
+        assert_eq!(run(&mut conn, 3, sell("a", 1)), first);
+        let other_book = Command::Decrement { item_id: 9, key: "a".into(), quantity: 2 };
+        let mut unknown_book = first.clone();
+        unknown_book["version"] = json!(0);
+        assert_eq!(run(&mut conn, 3, other_book), unknown_book);
         assert_eq!(run(&mut conn, 4, sell("b", 2))["outcome"], "out_of_stock");
         assert_eq!(run(&mut conn, 5, sell("c", 1))["stock_left"], 0);
         assert_eq!(
@@ -265,6 +308,25 @@ mod tests {
         // The refusal is remembered too, even after a restock.
         run(&mut conn, 7, Command::Restock { item_id: 1, quantity: 10 });
         assert_eq!(run(&mut conn, 8, sell("b", 2))["outcome"], "out_of_stock");
+        // Every key once, in the order first applied.
+        let sales: Vec<Sale> = conn
+            .prepare(&format!("SELECT {SALE_COLUMNS} FROM sales ORDER BY seq"))
+            .unwrap()
+            .query_map([], sale_from_row)
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let keys: Vec<(u64, &str, DecrementOutcome)> =
+            sales.iter().map(|s| (s.result.seq, s.key.as_str(), s.result.outcome)).collect();
+        assert_eq!(
+            keys,
+            [
+                (1, "a", DecrementOutcome::Sold),
+                (2, "b", DecrementOutcome::OutOfStock),
+                (3, "c", DecrementOutcome::Sold),
+                (4, "d", DecrementOutcome::NotFound)
+            ]
+        );
     }
 
     #[test]

@@ -92,7 +92,6 @@ pub struct Receipt {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum OrderState {
-    Pending,
     Confirmed,
     Failed,
 }
@@ -142,6 +141,12 @@ pub enum DecrementOutcome {
 /// The catalog's answer to a decrement; the same answer for every repeat of the key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DecrementResult {
+    /// The book and quantity of the key's first decrement: a repeat that names another
+    /// book or quantity changes nothing and gets this answer, which says so.
+    pub item_id: u64,
+    pub quantity: u32,
+    /// The sale's place in the catalog's ledger (1, 2, ...: one per key, in the order applied).
+    pub seq: u64,
     pub outcome: DecrementOutcome,
     pub price_cents: i64,
     pub stock_left: i64,
@@ -149,6 +154,22 @@ pub struct DecrementResult {
     /// are invalidated to. 0 for an unknown book.
     #[serde(default)]
     pub version: u64,
+}
+
+/// Catalog service: one row of `GET /internal/sales`, the ledger of decrements.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Sale {
+    pub key: String,
+    pub result: DecrementResult,
+}
+
+/// Catalog service: `GET /internal/sales?after=SEQ&limit=N`: the last sale's `seq` (how
+/// many sales there are), and up to `limit` sales after `after`, in the order applied. The
+/// order leader reads it to give every sale an order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SalesPage {
+    pub last_seq: u64,
+    pub sales: Vec<Sale>,
 }
 
 /// Catalog service: `POST /books/{id}/restock`.

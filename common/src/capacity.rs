@@ -24,15 +24,15 @@ pub struct Costs {
     /// A read of the replica's database (catalog lookups and searches).
     #[serde(with = "millis")]
     pub db_read: Duration,
-    /// Each Raft write (a buy makes three: place, decrement, settle).
+    /// Each Raft write (a buy makes two: the catalog's decrement, then the order's record).
     #[serde(with = "millis")]
     pub db_write: Duration,
     /// Worker slots per server.
     pub slots: u32,
 }
 
-/// Raft writes one buy makes: the order is placed, the stock decremented, the order settled.
-pub const WRITES_PER_BUY: u32 = 3;
+/// Raft writes one buy makes: the stock decremented, then the order recorded.
+pub const WRITES_PER_BUY: u32 = 2;
 
 impl Costs {
     /// The simulated cloud: 5 s boot, 60 ms front-end work, 200 ms app work, 50 ms DB read,

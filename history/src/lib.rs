@@ -87,7 +87,7 @@ pub struct Op {
     pub outcome: Outcome,
 }
 
-/// The store's state after the run, read once every pending order has settled.
+/// The store's state after the run, read once every sale has its order.
 #[derive(Debug, Clone, Default)]
 pub struct Final {
     /// When the final state was read (on the workload's clock): after every operation.

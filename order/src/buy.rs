@@ -1,19 +1,22 @@
 //! The buy workflow (docs/ARCHITECTURE.md, "Orders and the buy"), run by the order leader:
-//! record `pending(key)` → decrement the catalog once per key → settle the order.
-//! Every step is idempotent for the key, so any step may be repeated after a crash or a
-//! timeout, by the client's retry or by the recovery task.
+//! decrement the catalog once per key → record the order with the catalog's answer. The
+//! catalog's ledger of sales is the buy's only record until the order is written, so a
+//! reconciler gives every sale left without an order (its leader died, or its client gave
+//! up, in between) the order it should have. Both steps are idempotent for the key, so
+//! either may be repeated by the client's retry or by the reconciler.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use quire_common::api::{Decrement, DecrementResult, Order, OrderState, PlaceOrder, Receipt};
+use quire_common::api::{Decrement, DecrementResult, Order, OrderState, PlaceOrder, Receipt, SalesPage};
 use quire_common::client::{call, decode, CallError, ATTEMPT_TIMEOUT};
 use quire_common::{headers, ApiError, Deadline};
 use quire_raft::Replica;
 use tracing::Instrument;
 
-use crate::machine::{Command, ORDER_COLUMNS};
+use crate::machine::Command;
 
 #[derive(Clone)]
 pub struct Shop {
@@ -79,46 +82,44 @@ impl Shop {
 
     /// Runs the whole workflow for one buy and returns what the client is told.
     pub async fn buy(&self, req: PlaceOrder, deadline: Deadline) -> Result<Receipt, ApiError> {
-        let created_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let place = Command::Place { key: req.key.clone(), item_id: req.item_id, quantity: req.quantity, created_ms };
-        let order = self.propose(place, deadline).await?;
+        let result = self.decrement(&req.key, req.item_id, req.quantity, deadline).await?;
+        let order = self.record(req.key, result, deadline).await?;
         if order.item_id != req.item_id || order.quantity != req.quantity {
             return Err(ApiError::bad_request(
                 "invalid_key",
                 "this Idempotency-Key was already used for a different buy",
             ));
         }
-        let order = match order.state {
-            OrderState::Pending => self.settle(&order, deadline).await?,
-            _ => order,
-        };
         outcome(order)
     }
 
-    /// Decrements the catalog for `order` (same key, so at most once) and records the result.
-    pub async fn settle(&self, order: &Order, deadline: Deadline) -> Result<Order, ApiError> {
-        let result = self.decrement(order, deadline).await?;
-        self.propose(Command::Settle { key: order.key.clone(), result }, deadline).await
+    /// Records the catalog's answer for `key` as its order (or returns the order the key
+    /// already has).
+    pub async fn record(&self, key: String, result: DecrementResult, deadline: Deadline) -> Result<Order, ApiError> {
+        let created_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        self.propose(Command::Record { key, created_ms, result }, deadline).await
     }
 
     /// Asks the catalog leader (straight, when known; else through a catalog balancer) to
     /// decrement, retrying with the same key until the deadline whenever the outcome is
     /// unknown or the catalog is between leaders. The key makes every repeat a no-op, so
     /// a failed attempt at a leader that is no more is retried through a balancer at once.
-    async fn decrement(&self, order: &Order, deadline: Deadline) -> Result<DecrementResult, ApiError> {
-        let body = Decrement { key: order.key.clone(), quantity: order.quantity };
+    async fn decrement(
+        &self,
+        key: &str,
+        item_id: u64,
+        quantity: u32,
+        deadline: Deadline,
+    ) -> Result<DecrementResult, ApiError> {
+        let body = Decrement { key: key.to_string(), quantity };
         loop {
-            let leader = self.catalog_leader.lock().unwrap_or_else(PoisonError::into_inner).clone();
-            let target = match &leader {
-                Some(leader) => leader,
-                None => &self.catalog[self.next_catalog.fetch_add(1, Ordering::Relaxed) % self.catalog.len()],
-            };
+            let (leader, target) = self.catalog_target();
             let request = self
                 .replica
                 .client
-                .post(format!("{target}/books/{}/decrement", order.item_id))
+                .post(format!("{target}/books/{item_id}/decrement"))
                 .header(headers::TOKEN, &*self.token)
-                .header(headers::IDEMPOTENCY_KEY, &order.key)
+                .header(headers::IDEMPOTENCY_KEY, key)
                 .header(headers::DEADLINE, deadline.header_value())
                 .timeout(deadline.remaining().clamp(Duration::from_millis(1), ATTEMPT_TIMEOUT))
                 .json(&body);
@@ -148,31 +149,73 @@ impl Shop {
                 Err(e) => e,
             };
             if leader.is_some() {
-                tracing::debug!(key = %order.key, %error, "the catalog leader did not decrement; through a balancer now");
-                *self.catalog_leader.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                tracing::debug!(%key, %error, "the catalog leader did not decrement; through a balancer now");
+                self.forget_catalog_leader();
                 continue;
             }
             if deadline.remaining() < Duration::from_millis(60) {
-                tracing::warn!(key = %order.key, %error, "catalog decrement unfinished at the deadline; recovery will finish it");
+                tracing::warn!(%key, %error, "catalog decrement unfinished at the deadline");
                 return Err(ApiError::deadline_exceeded(
-                    "the purchase did not finish in time; it will complete or fail on its own, retry with the same Idempotency-Key to learn which",
+                    "the purchase did not finish in time; retry with the same Idempotency-Key to learn its outcome (a retry never buys twice)",
                 ));
             }
-            tracing::debug!(key = %order.key, %error, "retrying catalog decrement");
+            tracing::debug!(%key, %error, "retrying catalog decrement");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    /// Pending orders placed before `older_than_ms` (ms since the epoch).
-    pub async fn stale_pending(&self, older_than_ms: u64) -> anyhow::Result<Vec<Order>> {
+    /// How many sales the catalog has made, and up to `limit` of them after `seq` (a
+    /// linearizable read at the catalog leader when known, else through a catalog balancer).
+    async fn sales(&self, after: u64, limit: u32) -> Result<SalesPage, CallError> {
+        let (leader, target) = self.catalog_target();
+        let request = self
+            .replica
+            .client
+            .get(format!("{target}/internal/sales?after={after}&limit={limit}"))
+            .header(headers::TOKEN, &*self.token)
+            .timeout(ATTEMPT_TIMEOUT);
+        let answer = call::<SalesPage>(request).await;
+        if answer.is_err() && leader.is_some() {
+            // Perhaps no longer the leader: through a balancer next time.
+            self.forget_catalog_leader();
+        }
+        answer
+    }
+
+    /// The catalog leader if known (and, either way, where to send the next request to the
+    /// catalog: the leader, or the next catalog balancer in turn).
+    fn catalog_target(&self) -> (Option<String>, String) {
+        let leader = self.catalog_leader.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let target = match &leader {
+            Some(leader) => leader.clone(),
+            None => self.catalog[self.next_catalog.fetch_add(1, Ordering::Relaxed) % self.catalog.len()].clone(),
+        };
+        (leader, target)
+    }
+
+    fn forget_catalog_leader(&self) {
+        *self.catalog_leader.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// How many of the sales in `(after, upto]` have an order in this replica's state.
+    async fn count_recorded(&self, after: u64, upto: u64) -> anyhow::Result<u64> {
         self.replica
             .reads
             .query(move |c| {
-                let mut stmt = c.prepare_cached(&format!(
-                    "SELECT {ORDER_COLUMNS} FROM orders WHERE state = 'pending' AND created_ms < ?1 ORDER BY order_id LIMIT 100"
-                ))?;
-                let rows = stmt.query_map([older_than_ms as i64], crate::machine::order_from_row)?;
-                rows.collect()
+                c.prepare_cached("SELECT count(*) FROM orders WHERE sale_seq > ?1 AND sale_seq <= ?2")?
+                    .query_row([after as i64, upto as i64], |r| r.get::<_, i64>(0).map(|n| n as u64))
+            })
+            .await
+    }
+
+    /// The sales in `(after, upto]` that have an order in this replica's state.
+    async fn recorded_sales(&self, after: u64, upto: u64) -> anyhow::Result<HashSet<u64>> {
+        self.replica
+            .reads
+            .query(move |c| {
+                c.prepare_cached("SELECT sale_seq FROM orders WHERE sale_seq > ?1 AND sale_seq <= ?2")?
+                    .query_map([after as i64, upto as i64], |r| r.get::<_, i64>(0).map(|s| s as u64))?
+                    .collect()
             })
             .await
     }
@@ -194,44 +237,92 @@ pub fn outcome(order: Order) -> Result<Receipt, ApiError> {
         (OrderState::Failed, _) => {
             Err(ApiError::out_of_stock(format!("book {} has fewer than {} copies left", order.item_id, order.quantity)))
         }
-        (OrderState::Pending, _) => {
-            Err(ApiError::deadline_exceeded("the purchase is still in progress; retry with the same Idempotency-Key"))
-        }
     }
 }
 
-/// On the leader, finishes every order left pending longer than `stale_after` (its buyer
-/// gave up or its leader died mid-workflow) by repeating the decrement with its key.
-pub fn spawn_recovery(shop: Shop, stale_after: Duration) {
+/// On the leader, every 500 ms: gives every catalog sale without an order the order it
+/// should have, once `stale_after` has passed since it was first seen without one (a buy
+/// in flight records its own sooner; if both record, the key makes the second a no-op).
+///
+/// Sales are numbered 1, 2, ... in the catalog's ledger and every order names its sale, so
+/// a pass asks the catalog only how many sales there are and counts, in this replica's
+/// state, the orders of the sales made since the last pass it checked: the sales of one
+/// pass ago, which buys in flight have had a whole period to record. Only when some of
+/// those lack an order does it read them from the catalog, a page at a time.
+pub fn spawn_reconciler(shop: Shop, stale_after: Duration) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut pass = Reconciler { done: 0, seen: 0, orphans: HashMap::new() };
         loop {
             tick.tick().await;
             if !shop.replica.is_leader() {
                 continue;
             }
-            let cutoff = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64)
-                .saturating_sub(stale_after.as_millis() as u64);
-            let pending = match shop.stale_pending(cutoff).await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot list pending orders");
-                    continue;
-                }
-            };
-            for order in pending {
-                match shop.settle(&order, Deadline::after(Duration::from_secs(5))).await {
-                    Ok(done) => {
-                        tracing::info!(order = done.order_id, key = %done.key, state = ?done.state, "recovered pending order")
-                    }
-                    Err(e) => tracing::warn!(order = order.order_id, error = %e, "pending order not recovered yet"),
-                }
+            if let Err(e) = pass.run(&shop, stale_after).await {
+                tracing::warn!(error = %e, "cannot reconcile sales with orders yet");
             }
         }
     });
 }
+
+struct Reconciler {
+    /// Every sale up to this one has its order (orders are never deleted).
+    done: u64,
+    /// How many sales the catalog had at the last pass.
+    seen: u64,
+    /// Sales seen without an order, and when first seen so.
+    orphans: HashMap<u64, Instant>,
+}
+
+impl Reconciler {
+    async fn run(&mut self, shop: &Shop, stale_after: Duration) -> anyhow::Result<()> {
+        let catalog_error = |e: CallError| anyhow::anyhow!("reading the catalog's sales: {e}");
+        let upto = self.seen;
+        self.seen = shop.sales(0, 0).await.map_err(catalog_error)?.last_seq;
+        if upto <= self.done {
+            return Ok(());
+        }
+        if shop.count_recorded(self.done, upto).await? == upto - self.done {
+            self.done = upto;
+            self.orphans.clear();
+            return Ok(());
+        }
+        // Some sale up to `upto` has no order: find which, a page at a time.
+        let mut cursor = self.done;
+        let mut contiguous = true;
+        while cursor < upto {
+            let page = shop.sales(cursor, MAX_PAGE).await.map_err(catalog_error)?;
+            let Some(last) = page.sales.last().map(|s| s.result.seq) else { break };
+            let recorded = shop.recorded_sales(cursor, last).await?;
+            for sale in page.sales.into_iter().filter(|s| s.result.seq <= upto) {
+                let seq = sale.result.seq;
+                let mut has_order = recorded.contains(&seq);
+                if !has_order && self.orphans.entry(seq).or_insert_with(Instant::now).elapsed() >= stale_after {
+                    let deadline = Deadline::after(Duration::from_secs(5));
+                    match shop.record(sale.key.clone(), sale.result, deadline).await {
+                        Ok(order) => {
+                            tracing::info!(order = order.order_id, key = %order.key, state = ?order.state, "recorded a sale left without its order");
+                            has_order = true;
+                        }
+                        Err(e) => tracing::warn!(key = %sale.key, error = %e, "sale without an order not recorded yet"),
+                    }
+                }
+                if has_order {
+                    self.orphans.remove(&seq);
+                }
+                contiguous &= has_order;
+                if contiguous {
+                    self.done = seq;
+                }
+            }
+            cursor = last;
+        }
+        Ok(())
+    }
+}
+
+/// Sales read per request when some lack an order.
+const MAX_PAGE: u32 = 256;
 
 #[cfg(test)]
 mod tests {
@@ -258,6 +349,5 @@ mod tests {
         assert_eq!((r.order_id, r.price, r.stock_left), (9, 24.99, 5));
         assert_eq!(outcome(order(OrderState::Failed, Some("out_of_stock"))).unwrap_err().code, "out_of_stock");
         assert_eq!(outcome(order(OrderState::Failed, Some("not_found"))).unwrap_err().status, 404);
-        assert_eq!(outcome(order(OrderState::Pending, None)).unwrap_err().code, "deadline_exceeded");
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! - [`machine`]: the replicated order rows and the commands that change them.
-//! - [`buy`]: the workflow across the two groups and the recovery of pending orders.
+//! - [`buy`]: the workflow across the two groups, and the reconciler that gives every
+//!   catalog sale its order.
 //! - [`api`]: `POST /orders` (leader), `GET /orders/{id}` (any replica).
 
 pub mod api;
@@ -25,7 +26,8 @@ pub struct Config {
     pub member: Member,
     /// Catalog balancers the buy workflow calls.
     pub catalog: Vec<String>,
-    /// Pending orders older than this are finished by the recovery task.
+    /// A catalog sale still without an order this long after the reconciler first saw it
+    /// is given its order (see [`buy::spawn_reconciler`]).
     pub recover_after: Duration,
 }
 
@@ -41,7 +43,7 @@ pub async fn run(
     let (catalog, recover_after) = (config.catalog.clone(), config.recover_after);
     let api = move |replica: &Arc<Replica>| {
         let shop = Shop::new(replica.clone(), catalog, token.0.clone());
-        buy::spawn_recovery(shop.clone(), recover_after);
+        buy::spawn_reconciler(shop.clone(), recover_after);
         api::router(shop, token)
     };
     quire_raft::service::serve(listener, member, Arc::new(machine::Orders), identity, api, shutdown).await

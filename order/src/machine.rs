@@ -1,9 +1,9 @@
 //! The order service's replicated state: one row per idempotency key.
 //!
-//! An order is born `pending` when its key is first placed (its id is one more than the
-//! highest so far, so ids follow the order in which keys were placed, and every replica
-//! picks the same one) and settles once, to `confirmed` or `failed`, with the catalog's
-//! answer for the key. Repeats of either command return the row as it stands.
+//! An order is recorded once the catalog has answered its key's decrement, with that
+//! answer: `confirmed` or `failed`, never in between. Its id is one more than the highest
+//! so far (so ids follow the order in which orders were recorded, and every replica picks
+//! the same one). A repeat of the command returns the row as it stands.
 
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
@@ -21,9 +21,11 @@ CREATE TABLE IF NOT EXISTS orders (
     price_cents INTEGER,
     stock_left INTEGER,
     reason TEXT,
-    created_ms INTEGER NOT NULL
+    created_ms INTEGER NOT NULL,
+    -- The catalog's sale this order records (its `seq` in the catalog's ledger).
+    sale_seq INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS orders_pending ON orders (created_ms) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS orders_by_sale ON orders (sale_seq);
 ";
 
 pub const TABLES: &[&str] = &["orders"];
@@ -31,10 +33,9 @@ pub const TABLES: &[&str] = &["orders"];
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Command {
-    /// Records a pending order for `key` unless the key is known.
-    Place { key: String, item_id: u64, quantity: u32, created_ms: u64 },
-    /// Settles the pending order of `key` with the catalog's answer.
-    Settle { key: String, result: DecrementResult },
+    /// Gives the catalog's answer for `key` (its sale, or its refusal) an order, unless
+    /// the key has one: for the book and quantity the answer names.
+    Record { key: String, created_ms: u64, result: DecrementResult },
 }
 
 pub struct Orders;
@@ -53,30 +54,29 @@ impl quire_raft::Machine for Orders {
             Ok(c) => c,
             Err(answer) => return Ok(answer),
         };
-        let key = match command {
-            Command::Place { key, item_id, quantity, created_ms } => {
-                // Both statements run for every buy: prepared once per connection and kept.
-                tx.prepare_cached(
-                    "INSERT OR IGNORE INTO orders (order_id, key, item_id, quantity, state, created_ms)
-                     VALUES ((SELECT coalesce(max(order_id), 0) + 1 FROM orders), ?1, ?2, ?3, 'pending', ?4)",
-                )?
-                .execute(params![key, item_id as i64, quantity, created_ms as i64])?;
-                key
-            }
-            Command::Settle { key, result } => {
-                let (state, reason) = match result.outcome {
-                    DecrementOutcome::Sold => ("confirmed", None),
-                    DecrementOutcome::OutOfStock => ("failed", Some("out_of_stock")),
-                    DecrementOutcome::NotFound => ("failed", Some("not_found")),
-                };
-                tx.prepare_cached(
-                    "UPDATE orders SET state = ?1, reason = ?2, price_cents = ?3, stock_left = ?4
-                     WHERE key = ?5 AND state = 'pending'",
-                )?
-                .execute(params![state, reason, result.price_cents, result.stock_left, key])?;
-                key
-            }
+        let Command::Record { key, created_ms, result } = command;
+        let (state, reason) = match result.outcome {
+            DecrementOutcome::Sold => ("confirmed", None),
+            DecrementOutcome::OutOfStock => ("failed", Some("out_of_stock")),
+            DecrementOutcome::NotFound => ("failed", Some("not_found")),
         };
+        // Runs for every buy: prepared once per connection and kept.
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO orders
+                 (order_id, key, item_id, quantity, state, price_cents, stock_left, reason, created_ms, sale_seq)
+             VALUES ((SELECT coalesce(max(order_id), 0) + 1 FROM orders), ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?
+        .execute(params![
+            key,
+            result.item_id as i64,
+            result.quantity,
+            state,
+            result.price_cents,
+            result.stock_left,
+            reason,
+            created_ms as i64,
+            result.seq as i64
+        ])?;
         Ok(match order_by_key(tx, &key)? {
             Some(order) => serde_json::to_value(order).unwrap_or(Value::Null),
             None => json!({ "error": "unknown_key" }),
@@ -89,8 +89,7 @@ pub const ORDER_COLUMNS: &str = "order_id, key, item_id, quantity, state, price_
 pub fn order_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Order> {
     let state = match r.get::<_, String>(4)?.as_str() {
         "confirmed" => OrderState::Confirmed,
-        "failed" => OrderState::Failed,
-        _ => OrderState::Pending,
+        _ => OrderState::Failed,
     };
     Ok(Order {
         order_id: r.get::<_, i64>(0)? as u64,
@@ -123,24 +122,30 @@ mod tests {
         serde_json::from_value(out).unwrap()
     }
 
+    fn answer(item_id: u64, outcome: DecrementOutcome) -> DecrementResult {
+        DecrementResult { item_id, quantity: 1, seq: item_id, outcome, price_cents: 1999, stock_left: 4, version: 12 }
+    }
+
     #[test]
-    fn an_order_is_placed_once_and_settles_once() {
+    fn an_answer_is_recorded_once_per_key() {
         let mut conn = rusqlite::Connection::open_in_memory().unwrap();
         conn.execute_batch(SCHEMA).unwrap();
-        let place = || Command::Place { key: "k".into(), item_id: 2, quantity: 1, created_ms: 5 };
-        let first = run(&mut conn, 10, place());
-        assert_eq!((first.order_id, first.state), (1, OrderState::Pending));
-        assert_eq!(run(&mut conn, 11, place()).order_id, 1, "a repeat keeps the first order");
-        // Two keys placed in one entry (group commit) get orders of their own.
-        let other = |key: &str| Command::Place { key: key.into(), item_id: 2, quantity: 1, created_ms: 6 };
-        assert_eq!(run(&mut conn, 12, other("k2")).order_id, 2);
-        assert_eq!(run(&mut conn, 12, other("k3")).order_id, 3);
-        let sold = DecrementResult { outcome: DecrementOutcome::Sold, price_cents: 1999, stock_left: 4, version: 12 };
-        let settled = run(&mut conn, 12, Command::Settle { key: "k".into(), result: sold });
-        assert_eq!((settled.state, settled.price, settled.stock_left), (OrderState::Confirmed, Some(19.99), Some(4)));
-        // A late, different answer for the same key cannot change a settled order.
-        let late =
-            DecrementResult { outcome: DecrementOutcome::OutOfStock, price_cents: 0, stock_left: 0, version: 13 };
-        assert_eq!(run(&mut conn, 13, Command::Settle { key: "k".into(), result: late }).state, OrderState::Confirmed);
+        let record = |key: &str, result| Command::Record { key: key.into(), created_ms: 5, result };
+        let first = run(&mut conn, 10, record("k", answer(2, DecrementOutcome::Sold)));
+        assert_eq!(
+            (first.order_id, first.item_id, first.state, first.price, first.stock_left),
+            (1, 2, OrderState::Confirmed, Some(19.99), Some(4))
+        );
+        // A repeat, even with another answer, keeps the first order as it is.
+        let again = run(&mut conn, 11, record("k", answer(3, DecrementOutcome::OutOfStock)));
+        assert_eq!(again, first);
+        // Two keys recorded in one entry (group commit) get orders of their own.
+        let second = run(&mut conn, 12, record("k2", answer(2, DecrementOutcome::OutOfStock)));
+        let third = run(&mut conn, 12, record("k3", answer(9, DecrementOutcome::NotFound)));
+        assert_eq!(
+            (second.order_id, second.state, second.reason.as_deref()),
+            (2, OrderState::Failed, Some("out_of_stock"))
+        );
+        assert_eq!((third.order_id, third.item_id, third.reason.as_deref()), (3, 9, Some("not_found")));
     }
 }

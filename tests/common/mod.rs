@@ -322,27 +322,38 @@ impl Probe {
         }
     }
 
-    /// The orders (once none is pending: the recovery task settles them) and the ledger.
+    /// The ledger and the orders, once every sale in the ledger has its order (the order
+    /// leader's reconciler gives one to a sale whose buy stopped in between) and no sale
+    /// was made while they were read.
     pub async fn final_state(&self) -> FinalState {
-        let orders: Vec<Order> = wait_for("every pending order to settle", Duration::from_secs(40), || async {
-            for url in &self.order {
-                if let Some(orders) = self.admin_get::<Vec<Order>>(url, "/admin/orders").await {
-                    return orders.iter().all(|o| o.state != OrderState::Pending).then_some(orders);
-                }
-            }
-            None
+        wait_for("every sale to have its order", Duration::from_secs(40), || async {
+            let before = self.ledger().await?;
+            let orders = self.orders().await?;
+            let after = self.ledger().await?;
+            let keys: BTreeSet<&str> = orders.iter().map(|o| o.key.as_str()).collect();
+            let settled = before.sold_keys == after.sold_keys
+                && after.sold_keys.iter().all(|(key, _, _)| keys.contains(key.as_str()));
+            settled.then_some(FinalState { orders, ledger: after })
         })
-        .await;
-        let ledger: Ledger = wait_for("the catalog ledger", Duration::from_secs(20), || async {
-            for url in &self.catalog {
-                if let Some(l) = self.admin_get::<Ledger>(url, "/admin/ledger").await {
-                    return Some(l);
-                }
+        .await
+    }
+
+    async fn ledger(&self) -> Option<Ledger> {
+        for url in &self.catalog {
+            if let Some(l) = self.admin_get::<Ledger>(url, "/admin/ledger").await {
+                return Some(l);
             }
-            None
-        })
-        .await;
-        FinalState { orders, ledger }
+        }
+        None
+    }
+
+    async fn orders(&self) -> Option<Vec<Order>> {
+        for url in &self.order {
+            if let Some(orders) = self.admin_get::<Vec<Order>>(url, "/admin/orders").await {
+                return Some(orders);
+            }
+        }
+        None
     }
 }
 
