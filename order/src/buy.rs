@@ -83,7 +83,15 @@ impl Shop {
     /// Runs the whole workflow for one buy and returns what the client is told.
     pub async fn buy(&self, req: PlaceOrder, deadline: Deadline) -> Result<Receipt, ApiError> {
         let result = self.decrement(&req.key, req.item_id, req.quantity, deadline).await?;
-        let order = self.record(req.key, result, deadline).await?;
+        // The catalog has answered for the key, so whatever stops the record, the client
+        // must not be told the buy did not happen: a retry with the key (or the reconciler)
+        // records the answer.
+        let order = self.record(req.key, result, deadline).await.map_err(|e| {
+            tracing::debug!(error = %e, "the catalog answered but the order is not recorded yet");
+            ApiError::deadline_exceeded(
+                "the purchase is not recorded yet; retry with the same Idempotency-Key to learn its outcome (a retry never buys twice)",
+            )
+        })?;
         if order.item_id != req.item_id || order.quantity != req.quantity {
             return Err(ApiError::bad_request(
                 "invalid_key",
@@ -221,7 +229,7 @@ impl Shop {
     }
 }
 
-/// What a settled (or repeated) order means to the client.
+/// What a recorded order means to the client.
 pub fn outcome(order: Order) -> Result<Receipt, ApiError> {
     match (order.state, order.reason.as_deref()) {
         (OrderState::Confirmed, _) => Ok(Receipt {
