@@ -121,7 +121,8 @@ impl Shop {
     ) -> Result<DecrementResult, ApiError> {
         let body = Decrement { key: key.to_string(), quantity };
         loop {
-            let (leader, target) = self.catalog_target();
+            let leader = self.known_catalog_leader();
+            let target = leader.as_deref().unwrap_or_else(|| self.next_catalog_balancer());
             let request = self
                 .replica
                 .client
@@ -175,7 +176,8 @@ impl Shop {
     /// How many sales the catalog has made, and up to `limit` of them after `seq` (a
     /// linearizable read at the catalog leader when known, else through a catalog balancer).
     async fn sales(&self, after: u64, limit: u32) -> Result<SalesPage, CallError> {
-        let (leader, target) = self.catalog_target();
+        let leader = self.known_catalog_leader();
+        let target = leader.as_deref().unwrap_or_else(|| self.next_catalog_balancer());
         let request = self
             .replica
             .client
@@ -190,15 +192,14 @@ impl Shop {
         answer
     }
 
-    /// The catalog leader if known (and, either way, where to send the next request to the
-    /// catalog: the leader, or the next catalog balancer in turn).
-    fn catalog_target(&self) -> (Option<String>, String) {
-        let leader = self.catalog_leader.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let target = match &leader {
-            Some(leader) => leader.clone(),
-            None => self.catalog[self.next_catalog.fetch_add(1, Ordering::Relaxed) % self.catalog.len()].clone(),
-        };
-        (leader, target)
+    /// The catalog leader, if a balancer has named it since the last failed attempt there.
+    fn known_catalog_leader(&self) -> Option<String> {
+        self.catalog_leader.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The next catalog balancer, in turn.
+    fn next_catalog_balancer(&self) -> &str {
+        &self.catalog[self.next_catalog.fetch_add(1, Ordering::Relaxed) % self.catalog.len()]
     }
 
     fn forget_catalog_leader(&self) {

@@ -43,8 +43,9 @@ impl Tuning {
     /// and that timeout have passed since it last heard from the leader. Two survivors
     /// whose draws fell close together stood at the same moment, split the vote and
     /// started again one timeout later (about one leader kill in four, bench/README.md
-    /// "Failover"). In separate bands the lower seat stands first, 13 ms or more ahead of
-    /// the next, and gets the other's vote, since the other's lease has run out by then.
+    /// "Failover"). In separate bands the lower seat stands first, 20 ms or more ahead of
+    /// the next (with the default timing), and gets the other's vote, since the other's
+    /// lease has run out by then.
     pub fn election_band(&self, seat: u64) -> (u64, u64) {
         let (min, max) = (self.election_min.as_millis() as u64, self.election_max.as_millis() as u64);
         let width = (max.saturating_sub(min) / 3).max(2);
