@@ -20,7 +20,7 @@ use quire_common::{ApiError, Deadline};
 use quire_raft::{Applied, Replica, WriteError};
 
 use crate::leases::{Leases, Refusal};
-use crate::machine::{sale_from_row, Command, SALE_COLUMNS};
+use crate::machine::{sale_from_row, Answer, Command, SALE_COLUMNS};
 
 /// Budget of a request that arrives without a deadline header.
 const DEFAULT_BUDGET: Duration = Duration::from_secs(5);
@@ -195,13 +195,15 @@ async fn decrement(
     // The book's version after the decrement (or its repeat, or a refusal): caches may store
     // that version or newer once it is released.
     let applied = c
-        .write_book(item_id, command, deadline, |applied| {
-            serde_json::from_value::<DecrementResult>(applied.response.clone()).map(|r| r.version).unwrap_or(0)
+        .write_book(item_id, command, deadline, |applied| match &applied.answer {
+            Answer::Decremented(result) => result.version,
+            _ => 0,
         })
         .await?;
-    serde_json::from_value(applied.response)
-        .map(axum::Json)
-        .map_err(|e| ApiError::internal(format!("unexpected decrement answer: {e}")))
+    match applied.answer {
+        Answer::Decremented(result) => Ok(axum::Json(result)),
+        other => Err(ApiError::internal(format!("a decrement was answered {other:?}"))),
+    }
 }
 
 async fn restock(
@@ -214,28 +216,29 @@ async fn restock(
     if req.quantity == 0 || req.quantity > MAX_RESTOCK {
         return Err(ApiError::bad_request("invalid_quantity", format!("a restock is 1 to {MAX_RESTOCK} copies")));
     }
-    restock_item(&c, item_id, req.quantity, Deadline::from_headers_or(&headers, DEFAULT_BUDGET)).await.map(axum::Json)
+    let stock = restock_item(&c, item_id, req.quantity, Deadline::from_headers_or(&headers, DEFAULT_BUDGET)).await?;
+    Ok(axum::Json(serde_json::json!({ "stock": stock })))
 }
 
-/// Proposes a restock of `item_id` (held at every frontend until applied).
-pub async fn restock_item(
-    c: &Catalog,
-    item_id: u64,
-    quantity: u32,
-    deadline: Deadline,
-) -> Result<serde_json::Value, ApiError> {
+/// Proposes a restock of `item_id` (held at every frontend until applied); returns the
+/// book's stock after it.
+pub async fn restock_item(c: &Catalog, item_id: u64, quantity: u32, deadline: Deadline) -> Result<i64, ApiError> {
     let command = Command::Restock { item_id, quantity };
     // A refused restock leaves the book as it was (its version is no newer than the floor).
     let applied = c
-        .write_book(item_id, command, deadline, |a| if a.response.get("error").is_some() { 0 } else { a.index })
+        .write_book(item_id, command, deadline, |a| match a.answer {
+            Answer::Restocked { .. } => a.index,
+            _ => 0,
+        })
         .await?;
-    match applied.response["error"].as_str() {
-        None => Ok(applied.response),
-        Some("not_found") => Err(ApiError::not_found(format!("no book with id {item_id}"))),
-        Some(_) => Err(ApiError::bad_request(
+    match applied.answer {
+        Answer::Restocked { stock } => Ok(stock),
+        Answer::NoSuchBook => Err(ApiError::not_found(format!("no book with id {item_id}"))),
+        Answer::StockLimit { .. } => Err(ApiError::bad_request(
             "invalid_quantity",
             format!("book {item_id} would hold more than {MAX_STOCK} copies"),
         )),
+        other => Err(ApiError::internal(format!("a restock was answered {other:?}"))),
     }
 }
 
@@ -253,12 +256,11 @@ impl Catalog {
         item: u64,
         command: Command,
         deadline: Deadline,
-        version: impl FnOnce(&Applied) -> u64 + Send + 'static,
-    ) -> Result<Applied, ApiError> {
+        version: impl FnOnce(&Applied<Answer>) -> u64 + Send + 'static,
+    ) -> Result<Applied<Answer>, ApiError> {
         let Some(term) = self.replica.leading_term() else {
             return Err(ApiError::not_leader(self.replica.leader().map(|(_, url)| url)));
         };
-        let command = serde_json::to_value(command).map_err(|e| ApiError::internal(e.to_string()))?;
         let unknown = || {
             ApiError::deadline_exceeded(
                 "the write was not confirmed in time; its outcome is unknown, retry with the same key",
@@ -276,13 +278,14 @@ impl Catalog {
         let proposal = tokio::spawn(async move {
             // Bound to the term of the hold: appended in a later term (this replica lost and
             // regained leadership meanwhile), it is applied nowhere.
-            let answer = replica.propose_in_term(term, command).await;
+            let answer = replica.propose_in_term(term, &command).await;
             match &answer {
                 Ok(applied) => hold.release(version(applied)),
                 // Applied as a no-op everywhere: the book is as it was.
                 Err(WriteError::StaleTerm | WriteError::Rejected(_)) => drop(hold),
-                // A later leader may still apply it: held until this term's holds are void.
-                Err(WriteError::NotLeader(_) | WriteError::Unknown(_)) => hold.keep(),
+                // A later leader may still apply it (or it was applied, and its answer is
+                // lost): held until this term's holds are void.
+                Err(WriteError::NotLeader(_) | WriteError::Unknown(_) | WriteError::Codec(_)) => hold.keep(),
             }
             answer
         });

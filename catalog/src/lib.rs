@@ -63,7 +63,7 @@ pub async fn run(
         spawn_office_watch(catalog.clone());
         api::router(catalog, token)
     };
-    quire_raft::service::serve(listener, member, Arc::new(machine::Catalog), identity, api, shutdown).await
+    quire_raft::service::serve(listener, member, machine::Catalog, identity, api, shutdown).await
 }
 
 /// Tells the leases as soon as this replica leads a new term, so that waiting out the

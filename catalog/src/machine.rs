@@ -11,7 +11,6 @@
 
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
 use quire_common::api::{DecrementOutcome, DecrementResult, Sale, MAX_STOCK};
 
@@ -71,8 +70,8 @@ pub struct NewBook {
     pub stock: i64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+/// A write to the catalog (in the log, encoded; see `quire_raft::payload`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// Loads a batch of the initial catalog (ignored for ids already present); the batch
     /// with `last` marks the catalog as seeded.
@@ -92,9 +91,36 @@ pub enum Command {
     },
 }
 
+/// What applying a [`Command`] answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Answer {
+    /// Books a load added (ids already present are not).
+    Loaded {
+        added: usize,
+    },
+    Decremented(DecrementResult),
+    /// The book's stock after a restock.
+    Restocked {
+        stock: i64,
+    },
+    /// A restock of a book that does not exist: nothing changed.
+    NoSuchBook,
+    /// A restock that would take the book past `MAX_STOCK` copies (it holds `stock`):
+    /// nothing changed.
+    StockLimit {
+        stock: i64,
+    },
+}
+
+impl quire_raft::Command for Command {
+    type Answer = Answer;
+}
+
 pub struct Catalog;
 
 impl quire_raft::Machine for Catalog {
+    type Command = Command;
+
     fn schema(&self) -> &'static str {
         SCHEMA
     }
@@ -103,23 +129,18 @@ impl quire_raft::Machine for Catalog {
         TABLES
     }
 
-    fn apply(&self, tx: &Transaction<'_>, index: u64, command: &Value) -> rusqlite::Result<Value> {
-        let command: Command = match quire_raft::decode(command) {
-            Ok(c) => c,
-            Err(answer) => return Ok(answer),
-        };
+    fn apply(&self, tx: &Transaction<'_>, index: u64, command: Command) -> rusqlite::Result<Answer> {
         match command {
             Command::Load { books, last } => load(tx, index, &books, last),
             Command::Decrement { item_id, key, quantity } => {
-                let result = decrement(tx, index, item_id, &key, quantity)?;
-                Ok(serde_json::to_value(result).unwrap_or(Value::Null))
+                decrement(tx, index, item_id, &key, quantity).map(Answer::Decremented)
             }
             Command::Restock { item_id, quantity } => restock(tx, index, item_id, quantity),
         }
     }
 }
 
-fn load(tx: &Transaction<'_>, index: u64, books: &[NewBook], last: bool) -> rusqlite::Result<Value> {
+fn load(tx: &Transaction<'_>, index: u64, books: &[NewBook], last: bool) -> rusqlite::Result<Answer> {
     let mut insert = tx.prepare_cached(
         "INSERT OR IGNORE INTO books (id, title, topic, price_cents, stock, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
@@ -131,7 +152,7 @@ fn load(tx: &Transaction<'_>, index: u64, books: &[NewBook], last: bool) -> rusq
     if last {
         tx.execute("INSERT OR REPLACE INTO catalog_meta (name, value) VALUES ('seeded', ?1)", [index.to_string()])?;
     }
-    Ok(json!({ "added": added }))
+    Ok(Answer::Loaded { added })
 }
 
 /// The columns [`sale_from_row`] reads, in its order.
@@ -210,8 +231,11 @@ fn decrement(
             answer(DecrementOutcome::Sold, price_cents, left, index)
         }
     };
-    let outcome =
-        serde_json::to_value(result.outcome).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+    let outcome = match result.outcome {
+        DecrementOutcome::Sold => "sold",
+        DecrementOutcome::OutOfStock => "out_of_stock",
+        DecrementOutcome::NotFound => "not_found",
+    };
     tx.prepare_cached(
         "INSERT INTO sales (seq, key, item_id, quantity, outcome, price_cents, stock_left, log_index)
          VALUES (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -228,14 +252,14 @@ fn decrement(
     Ok(DecrementResult { seq: tx.last_insert_rowid() as u64, ..result })
 }
 
-fn restock(tx: &Transaction<'_>, index: u64, item_id: u64, quantity: u32) -> rusqlite::Result<Value> {
+fn restock(tx: &Transaction<'_>, index: u64, item_id: u64, quantity: u32) -> rusqlite::Result<Answer> {
     let stock: Option<i64> =
         tx.query_row("SELECT stock FROM books WHERE id = ?1", [item_id as i64], |r| r.get(0)).optional()?;
     let Some(stock) = stock else {
-        return Ok(json!({ "error": "not_found" }));
+        return Ok(Answer::NoSuchBook);
     };
     let Some(after) = stock.checked_add(i64::from(quantity)).filter(|s| *s <= MAX_STOCK) else {
-        return Ok(json!({ "error": "stock_limit", "stock": stock }));
+        return Ok(Answer::StockLimit { stock });
     };
     tx.execute(
         "UPDATE books SET stock = ?1, version = ?2 WHERE id = ?3",
@@ -245,7 +269,7 @@ fn restock(tx: &Transaction<'_>, index: u64, item_id: u64, quantity: u32) -> rus
         "INSERT INTO restocks (seq, log_index, item_id, quantity) VALUES (NULL, ?1, ?2, ?3)",
         params![index as i64, item_id as i64, quantity],
     )?;
-    Ok(json!({ "stock": after }))
+    Ok(Answer::Restocked { stock: after })
 }
 
 #[cfg(test)]
@@ -259,11 +283,18 @@ mod tests {
         conn
     }
 
-    fn run(conn: &mut rusqlite::Connection, index: u64, command: Command) -> Value {
+    fn run(conn: &mut rusqlite::Connection, index: u64, command: Command) -> Answer {
         let tx = conn.transaction().unwrap();
-        let out = Catalog.apply(&tx, index, &serde_json::to_value(command).unwrap()).unwrap();
+        let out = Catalog.apply(&tx, index, command).unwrap();
         tx.commit().unwrap();
         out
+    }
+
+    fn sold(conn: &mut rusqlite::Connection, index: u64, command: Command) -> DecrementResult {
+        match run(conn, index, command) {
+            Answer::Decremented(result) => result,
+            other => panic!("a decrement answered {other:?}"),
+        }
     }
 
     fn seed(conn: &mut rusqlite::Connection) {
@@ -282,32 +313,41 @@ mod tests {
         let mut conn = db();
         seed(&mut conn);
         let sell = |key: &str, q| Command::Decrement { item_id: 1, key: key.into(), quantity: q };
-        assert_eq!(run(&mut conn, 2, sell("a", 2))["outcome"], "sold");
+        assert_eq!(sold(&mut conn, 2, sell("a", 2)).outcome, DecrementOutcome::Sold);
         // A repeat of the key gets the recorded answer and changes nothing.
-        let first = json!({
-            "item_id": 1, "quantity": 2, "seq": 1, "outcome": "sold", "price_cents": 1500, "stock_left": 1, "version": 2
-        });
-        assert_eq!(run(&mut conn, 3, sell("a", 2)), first);
+        let first = DecrementResult {
+            item_id: 1,
+            quantity: 2,
+            seq: 1,
+            outcome: DecrementOutcome::Sold,
+            price_cents: 1500,
+            stock_left: 1,
+            version: 2,
+        };
+        assert_eq!(sold(&mut conn, 3, sell("a", 2)), first);
         // So does a repeat that names another quantity or book: the answer says which buy
         // the key was first used for (the version is of the book named).
-        assert_eq!(run(&mut conn, 3, sell("a", 1)), first);
+        assert_eq!(sold(&mut conn, 3, sell("a", 1)), first);
         let other_book = Command::Decrement { item_id: 9, key: "a".into(), quantity: 2 };
-        let mut unknown_book = first.clone();
-        unknown_book["version"] = json!(0);
-        assert_eq!(run(&mut conn, 3, other_book), unknown_book);
-        assert_eq!(run(&mut conn, 4, sell("b", 2))["outcome"], "out_of_stock");
-        assert_eq!(run(&mut conn, 5, sell("c", 1))["stock_left"], 0);
+        assert_eq!(sold(&mut conn, 3, other_book), DecrementResult { version: 0, ..first.clone() });
+        assert_eq!(sold(&mut conn, 4, sell("b", 2)).outcome, DecrementOutcome::OutOfStock);
+        assert_eq!(sold(&mut conn, 5, sell("c", 1)).stock_left, 0);
         assert_eq!(
-            run(&mut conn, 6, Command::Decrement { item_id: 9, key: "d".into(), quantity: 1 })["outcome"],
-            "not_found"
+            sold(&mut conn, 6, Command::Decrement { item_id: 9, key: "d".into(), quantity: 1 }).outcome,
+            DecrementOutcome::NotFound
         );
         let (stock, version): (i64, i64) = conn
             .query_row("SELECT stock, version FROM books WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
             .unwrap();
         assert_eq!((stock, version), (0, 5));
         // The refusal is remembered too, even after a restock.
-        run(&mut conn, 7, Command::Restock { item_id: 1, quantity: 10 });
-        assert_eq!(run(&mut conn, 8, sell("b", 2))["outcome"], "out_of_stock");
+        assert_eq!(run(&mut conn, 7, Command::Restock { item_id: 1, quantity: 10 }), Answer::Restocked { stock: 10 });
+        assert_eq!(sold(&mut conn, 8, sell("b", 2)).outcome, DecrementOutcome::OutOfStock);
+        assert_eq!(run(&mut conn, 9, Command::Restock { item_id: 9, quantity: 1 }), Answer::NoSuchBook);
+        let full = NewBook { id: 2, title: "Full".into(), topic: "t".into(), price_cents: 1, stock: MAX_STOCK };
+        assert_eq!(run(&mut conn, 9, Command::Load { books: vec![full], last: false }), Answer::Loaded { added: 1 });
+        let restock = Command::Restock { item_id: 2, quantity: 1 };
+        assert_eq!(run(&mut conn, 10, restock), Answer::StockLimit { stock: MAX_STOCK });
         // Every key once, in the order first applied.
         let sales: Vec<Sale> = conn
             .prepare(&format!("SELECT {SALE_COLUMNS} FROM sales ORDER BY seq"))

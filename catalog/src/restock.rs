@@ -47,8 +47,8 @@ pub fn spawn(catalog: Catalog, policy: RestockPolicy) {
                     continue;
                 }
                 match restock_item(&catalog, id, policy.amount, Deadline::after(Duration::from_secs(5))).await {
-                    Ok(answer) => {
-                        tracing::info!(item = id, amount = policy.amount, stock = %answer["stock"], "restocked");
+                    Ok(stock) => {
+                        tracing::info!(item = id, amount = policy.amount, stock, "restocked");
                         empty_since.remove(&id);
                     }
                     Err(e) => tracing::warn!(item = id, error = %e, "restock failed; will retry"),

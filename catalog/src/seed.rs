@@ -147,7 +147,7 @@ async fn load(replica: &Replica, books: &[NewBook]) -> anyhow::Result<()> {
     let count = batches.len();
     for (i, batch) in batches.into_iter().enumerate() {
         let command = Command::Load { books: batch.to_vec(), last: i + 1 == count };
-        replica.write(serde_json::to_value(command)?, Deadline::after(Duration::from_secs(30))).await?;
+        replica.write(&command, Deadline::after(Duration::from_secs(30))).await?;
     }
     Ok(())
 }

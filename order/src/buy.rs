@@ -43,9 +43,7 @@ impl Shop {
     }
 
     async fn propose(&self, command: Command, deadline: Deadline) -> Result<Order, ApiError> {
-        let applied = self.replica.write(serde_json::to_value(command).unwrap_or_default(), deadline).await?;
-        serde_json::from_value(applied.response)
-            .map_err(|e| ApiError::internal(format!("unexpected order answer: {e}")))
+        Ok(self.replica.write(&command, deadline).await?.answer.into())
     }
 
     /// Passes a buy to this group's leader, once: the leader runs the workflow. Safe to

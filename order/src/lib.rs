@@ -46,5 +46,5 @@ pub async fn run(
         buy::spawn_reconciler(shop.clone(), recover_after);
         api::router(shop, token)
     };
-    quire_raft::service::serve(listener, member, Arc::new(machine::Orders), identity, api, shutdown).await
+    quire_raft::service::serve(listener, member, machine::Orders, identity, api, shutdown).await
 }

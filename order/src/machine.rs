@@ -5,9 +5,8 @@
 //! so far (so ids follow the order in which orders were recorded, and every replica picks
 //! the same one). A repeat of the command returns the row as it stands.
 
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, Transaction};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
 use quire_common::api::{cents_to_price, DecrementOutcome, DecrementResult, Order, OrderState};
 
@@ -30,17 +29,53 @@ CREATE INDEX IF NOT EXISTS orders_by_sale ON orders (sale_seq);
 
 pub const TABLES: &[&str] = &["orders"];
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+/// A write to the orders (in the log, encoded; see `quire_raft::payload`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// Gives the catalog's answer for `key` (its sale, or its refusal) an order, unless
     /// the key has one: for the book and quantity the answer names.
     Record { key: String, created_ms: u64, result: DecrementResult },
 }
 
+/// What recording answers: the key's order as stored. A type of its own rather than
+/// [`Order`], whose JSON leaves out empty fields, which the log's encoding (no field
+/// names) could not read back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recorded {
+    pub order_id: u64,
+    pub key: String,
+    pub item_id: u64,
+    pub quantity: u32,
+    pub state: OrderState,
+    pub price: Option<f64>,
+    pub stock_left: Option<i64>,
+    pub reason: Option<String>,
+    pub created_ms: u64,
+}
+
+impl From<Order> for Recorded {
+    fn from(o: Order) -> Self {
+        let Order { order_id, key, item_id, quantity, state, price, stock_left, reason, created_ms } = o;
+        Recorded { order_id, key, item_id, quantity, state, price, stock_left, reason, created_ms }
+    }
+}
+
+impl From<Recorded> for Order {
+    fn from(r: Recorded) -> Self {
+        let Recorded { order_id, key, item_id, quantity, state, price, stock_left, reason, created_ms } = r;
+        Order { order_id, key, item_id, quantity, state, price, stock_left, reason, created_ms }
+    }
+}
+
+impl quire_raft::Command for Command {
+    type Answer = Recorded;
+}
+
 pub struct Orders;
 
 impl quire_raft::Machine for Orders {
+    type Command = Command;
+
     fn schema(&self) -> &'static str {
         SCHEMA
     }
@@ -49,11 +84,7 @@ impl quire_raft::Machine for Orders {
         TABLES
     }
 
-    fn apply(&self, tx: &Transaction<'_>, _index: u64, command: &Value) -> rusqlite::Result<Value> {
-        let command: Command = match quire_raft::decode(command) {
-            Ok(c) => c,
-            Err(answer) => return Ok(answer),
-        };
+    fn apply(&self, tx: &Transaction<'_>, _index: u64, command: Command) -> rusqlite::Result<Recorded> {
         let Command::Record { key, created_ms, result } = command;
         let (state, reason) = match result.outcome {
             DecrementOutcome::Sold => ("confirmed", None),
@@ -77,10 +108,7 @@ impl quire_raft::Machine for Orders {
             created_ms as i64,
             result.seq as i64
         ])?;
-        Ok(match order_by_key(tx, &key)? {
-            Some(order) => serde_json::to_value(order).unwrap_or(Value::Null),
-            None => json!({ "error": "unknown_key" }),
-        })
+        order_by_key(tx, &key).map(Recorded::from)
     }
 }
 
@@ -104,10 +132,8 @@ pub fn order_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Order> {
     })
 }
 
-fn order_by_key(tx: &Transaction<'_>, key: &str) -> rusqlite::Result<Option<Order>> {
-    tx.prepare_cached(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE key = ?1"))?
-        .query_row([key], order_from_row)
-        .optional()
+fn order_by_key(tx: &Transaction<'_>, key: &str) -> rusqlite::Result<Order> {
+    tx.prepare_cached(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE key = ?1"))?.query_row([key], order_from_row)
 }
 
 #[cfg(test)]
@@ -117,9 +143,9 @@ mod tests {
 
     fn run(conn: &mut rusqlite::Connection, index: u64, command: Command) -> Order {
         let tx = conn.transaction().unwrap();
-        let out = Orders.apply(&tx, index, &serde_json::to_value(command).unwrap()).unwrap();
+        let out = Orders.apply(&tx, index, command).unwrap();
         tx.commit().unwrap();
-        serde_json::from_value(out).unwrap()
+        out.into()
     }
 
     fn answer(item_id: u64, outcome: DecrementOutcome) -> DecrementResult {

@@ -91,20 +91,46 @@ fn from_myself(r: &Replica, sender: Option<NodeId>) -> Result<(), ApiError> {
     }
 }
 
+/// A Raft RPC's body or answer, in postcard (see [`crate::network`]).
+struct Rpc<T>(T);
+
+#[axum::async_trait]
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Rpc<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let body = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|e| ApiError::bad_request("invalid_body", e.body_text()))?;
+        crate::payload::decode(&body)
+            .map(Rpc)
+            .map_err(|e| ApiError::bad_request("invalid_body", format!("not a Raft RPC of this version: {e}")))
+    }
+}
+
+impl<T: Serialize> IntoResponse for Rpc<T> {
+    fn into_response(self) -> Response {
+        match crate::payload::encode(&self.0) {
+            Ok(body) => ([(axum::http::header::CONTENT_TYPE, crate::network::RPC_CONTENT_TYPE)], body).into_response(),
+            Err(e) => ApiError::internal(format!("cannot encode the answer: {e}")).into_response(),
+        }
+    }
+}
+
 async fn append(
     State(r): Shared,
-    Json(rpc): Json<AppendEntriesRequest<TypeConfig>>,
-) -> Result<axum::Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
+    Rpc(rpc): Rpc<AppendEntriesRequest<TypeConfig>>,
+) -> Result<Rpc<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
     from_myself(&r, rpc.vote.leader_id().voted_for())?;
-    Ok(axum::Json(r.raft.append_entries(rpc).await))
+    Ok(Rpc(r.raft.append_entries(rpc).await))
 }
 
 async fn vote(
     State(r): Shared,
-    Json(rpc): Json<VoteRequest<NodeId>>,
-) -> Result<axum::Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
+    Rpc(rpc): Rpc<VoteRequest<NodeId>>,
+) -> Result<Rpc<Result<VoteResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
     from_myself(&r, rpc.vote.leader_id().voted_for())?;
-    Ok(axum::Json(r.raft.vote(rpc).await))
+    Ok(Rpc(r.raft.vote(rpc).await))
 }
 
 /// One chunk of a snapshot: described in a header, its bytes the raw body.
@@ -112,7 +138,7 @@ async fn snapshot(
     State(r): Shared,
     headers: axum::http::HeaderMap,
     data: axum::body::Bytes,
-) -> Result<axum::Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>>, ApiError> {
+) -> Result<Rpc<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>>, ApiError> {
     let chunk = headers
         .get(crate::network::SNAPSHOT_CHUNK)
         .and_then(|v| v.to_str().ok())
@@ -126,7 +152,7 @@ async fn snapshot(
         data: data.to_vec(),
         done: chunk.done,
     };
-    Ok(axum::Json(r.raft.install_snapshot(rpc).await))
+    Ok(Rpc(r.raft.install_snapshot(rpc).await))
 }
 
 async fn membership(State(r): Shared) -> Result<axum::Json<GroupView>, ApiError> {

@@ -8,7 +8,9 @@
 //! - [`bootstrap`]: who a starting replica is (its node id, founding, incarnations).
 //! - [`log_store`]: vote and log in `raft.db`, fsynced before openraft is told.
 //! - [`state`]: the state machine in `state.db`, snapshots, read connections, digests.
-//! - [`network`]: Raft RPCs as JSON over HTTP.
+//! - [`payload`]: what an entry carries and answers, and the encoding of everything on
+//!   a write's path (postcard).
+//! - [`network`]: Raft RPCs over HTTP.
 //! - [`proposer`]: group commit, many client writes in one log entry.
 //! - [`read_index`]: batched leadership confirmation for linearizable reads.
 //! - [`replica`]: [`Replica`], what services call (write, read barrier, status, membership).
@@ -22,29 +24,34 @@ pub mod bootstrap;
 pub mod http;
 pub mod log_store;
 pub mod network;
+pub mod payload;
 pub mod proposer;
 pub mod read_index;
 pub mod replica;
 pub mod service;
 pub mod state;
 
+pub use payload::Command;
 pub use replica::{Applied, Replica, ReplicaConfig, Tuning, WriteError};
 pub use service::Member;
 
 pub use quire_common::node::{display_id, incarnation, seat, NodeId};
 
 openraft::declare_raft_types!(
-    /// Commands and responses are JSON values: each service defines its own typed command
-    /// enum and (de)serialises it at the edge of its [`Machine`].
+    /// An entry carries a [`payload::Proposal`] (the services' commands, encoded) and
+    /// answers [`payload::Outcomes`].
     pub TypeConfig:
-        D = serde_json::Value,
-        R = serde_json::Value,
+        D = payload::Proposal,
+        R = payload::Outcomes,
         // A snapshot is a SQLite file, streamed from and to disk.
         SnapshotData = tokio::fs::File,
 );
 
 /// The service-specific part of a replica's state.
 pub trait Machine: Send + Sync + 'static {
+    /// What the service writes through Raft.
+    type Command: Command;
+
     /// SQL creating the service's tables; must be idempotent (`IF NOT EXISTS`).
     fn schema(&self) -> &'static str;
 
@@ -55,23 +62,15 @@ pub trait Machine: Send + Sync + 'static {
     /// Applies one committed command of the entry at log `index`. An entry may carry several
     /// commands (see [`proposer`]): they are applied in order, each by a call of its own
     /// with the same `index`, so `index` orders writes but does not name one. Runs inside
-    /// the transaction that also
-    /// records the entry as applied, in a savepoint of its own. A command the service cannot
-    /// make sense of should answer an error *value*; an `Err` that the command's data
-    /// causes (a constraint it breaks, a value out of range) is rolled back and answered
-    /// as rejected (`{"error": "rejected"}`) on every replica alike; any other `Err` is a
-    /// storage failure and stops the replica.
+    /// the transaction that also records the entry as applied, in a savepoint of its own.
+    /// An `Err` that the command's data causes (a constraint it breaks, a value out of
+    /// range) is rolled back and answered as rejected ([`WriteError::Rejected`]) on every
+    /// replica alike, as is a command that does not decode; any other `Err` is a storage
+    /// failure and stops the replica.
     fn apply(
         &self,
         tx: &rusqlite::Transaction<'_>,
         index: u64,
-        command: &serde_json::Value,
-    ) -> rusqlite::Result<serde_json::Value>;
-}
-
-/// Decodes a service's command inside [`Machine::apply`]. A command that does not decode
-/// yields an error *value* for the proposer, not a storage failure that would stop the
-/// replica.
-pub fn decode<C: serde::de::DeserializeOwned>(command: &serde_json::Value) -> Result<C, serde_json::Value> {
-    C::deserialize(command).map_err(|e| serde_json::json!({ "error": format!("undecodable command: {e}") }))
+        command: Self::Command,
+    ) -> rusqlite::Result<<Self::Command as Command>::Answer>;
 }

@@ -2,8 +2,9 @@
 //!
 //! Every write commits a transaction with `synchronous = FULL` in WAL mode, so the vote and
 //! appended entries are fsynced before openraft is told they are stored. Entries are kept as
-//! JSON text keyed by log index; the last purged log id, the vote and the committed log id
-//! live in a small `meta` table.
+//! postcard blobs (see [`crate::payload`]) keyed by log index, in the format the `meta`
+//! table names; the last purged log id, the vote and the committed log id live there too,
+//! as JSON text.
 //!
 //! The committed log id is the exception: openraft saves it before every apply, waiting in
 //! its core, and may find it older (or missing) after a restart, since it only tells how
@@ -22,9 +23,14 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::payload;
 use crate::{NodeId, TypeConfig};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+/// How entries are encoded in the `log` table: 2 is postcard (1, JSON text, was never
+/// written down). A log in another format is refused at open rather than misread.
+const LOG_FORMAT: &str = "2";
 
 /// What `raft.db` records of the node it belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -75,9 +81,24 @@ impl LogStore {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         let conn = open(path, true)?;
         conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, entry TEXT NOT NULL);
+            "CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);",
         )?;
+        let format: Option<String> =
+            conn.query_row("SELECT value FROM meta WHERE name = 'format'", [], |r| r.get(0)).optional()?;
+        let entries: i64 = conn.query_row("SELECT count(*) FROM log", [], |r| r.get(0))?;
+        match format.as_deref() {
+            Some(LOG_FORMAT) => {}
+            None if entries == 0 => {
+                conn.execute("INSERT INTO meta (name, value) VALUES ('format', ?1)", [LOG_FORMAT])?;
+            }
+            other => anyhow::bail!(
+                "{} holds a log written by another version of quire (format {}, this one reads {LOG_FORMAT}); \
+                 start this replica with an empty data directory to rebuild it from its group",
+                path.display(),
+                other.unwrap_or("1")
+            ),
+        }
         Ok(LogStore { path: path.to_path_buf(), conn: Arc::new(Mutex::new(conn)), committed: Arc::default() })
     }
 
@@ -195,11 +216,10 @@ fn bounds(range: &impl RangeBounds<u64>) -> (i64, i64) {
 fn read_entries(conn: &Connection, start: i64, end: i64) -> StorageResult<Vec<Entry<TypeConfig>>> {
     let mut stmt =
         conn.prepare_cached("SELECT entry FROM log WHERE idx >= ?1 AND idx <= ?2 ORDER BY idx").map_err(read_err)?;
-    let rows = stmt.query_map(params![start, end], |r| r.get::<_, String>(0)).map_err(read_err)?;
+    let rows = stmt.query_map(params![start, end], |r| r.get::<_, Vec<u8>>(0)).map_err(read_err)?;
     let mut entries = Vec::new();
     for row in rows {
-        let text = row.map_err(read_err)?;
-        entries.push(serde_json::from_str(&text).map_err(read_err)?);
+        entries.push(payload::decode(&row.map_err(read_err)?).map_err(read_err)?);
     }
     Ok(entries)
 }
@@ -241,12 +261,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
         self.with_conn(|conn| {
             let last_purged: Option<LogId<NodeId>> = read_meta(conn, "last_purged")?;
-            let last_text: Option<String> = conn
+            let last_entry: Option<Vec<u8>> = conn
                 .query_row("SELECT entry FROM log ORDER BY idx DESC LIMIT 1", [], |r| r.get(0))
                 .optional()
                 .map_err(read_err)?;
-            let last = match last_text {
-                Some(text) => Some(*serde_json::from_str::<Entry<TypeConfig>>(&text).map_err(read_err)?.get_log_id()),
+            let last = match last_entry {
+                Some(bytes) => Some(*payload::decode::<Entry<TypeConfig>>(&bytes).map_err(read_err)?.get_log_id()),
                 None => last_purged,
             };
             Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
@@ -298,7 +318,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let timing = tracing::info_span!("raft.append");
         let rows = entries
             .into_iter()
-            .map(|e| Ok((e.get_log_id().index as i64, serde_json::to_string(&e).map_err(io_err)?)))
+            .map(|e| Ok((e.get_log_id().index as i64, payload::encode(&e).map_err(io_err)?)))
             .collect::<StorageResult<Vec<_>>>()?;
         let committed = self.take_committed()?;
         let result = self
@@ -307,8 +327,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 {
                     let mut stmt =
                         tx.prepare_cached("INSERT OR REPLACE INTO log (idx, entry) VALUES (?1, ?2)").map_err(io_err)?;
-                    for (idx, text) in &rows {
-                        stmt.execute(params![idx, text]).map_err(io_err)?;
+                    for (idx, entry) in &rows {
+                        stmt.execute(params![idx, entry]).map_err(io_err)?;
                     }
                 }
                 write_committed(&tx, committed)?;
@@ -343,5 +363,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             tx.commit().map_err(io_err)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A log whose entries another build wrote (no format recorded, or another one) is
+    /// refused at open with a message that says so, instead of failing on its first read.
+    #[test]
+    fn a_log_of_another_format_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.db");
+        drop(LogStore::open(&path).unwrap());
+        // Reopened, a log of this format opens again.
+        drop(LogStore::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.execute("INSERT INTO log (idx, entry) VALUES (1, '{\"log_id\": 1}')", []).unwrap();
+        conn.execute("UPDATE meta SET value = '1' WHERE name = 'format'", []).unwrap();
+        drop(conn);
+        let err = LogStore::open(&path).err().unwrap().to_string();
+        assert!(err.contains("another version of quire (format 1"), "{err}");
+        // An old log never recorded its format: refused too.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute("DELETE FROM meta WHERE name = 'format'", []).unwrap();
+        drop(conn);
+        assert!(LogStore::open(&path).is_err());
     }
 }

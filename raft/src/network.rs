@@ -1,7 +1,8 @@
-//! Raft RPCs over HTTP: each RPC is a JSON POST to the peer's `/raft/*` route carrying the
+//! Raft RPCs over HTTP: each RPC is a POST to the peer's `/raft/*` route carrying the
 //! cluster token, the group it is meant for and the node it is meant for (a peer refuses an
-//! RPC for another group or node); the peer answers with a JSON `Result` of the openraft
-//! call.
+//! RPC for another group or node); the peer answers with the `Result` of the openraft call.
+//! Bodies and answers are postcard ([`RPC_CONTENT_TYPE`], see [`crate::payload`]), but for a
+//! snapshot chunk, whose bytes travel raw.
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
@@ -17,15 +18,19 @@ use serde::Serialize;
 
 use quire_common::headers;
 
+use crate::payload;
 use crate::{NodeId, TypeConfig};
 
 /// Largest AppendEntries body sent at once (a single larger entry still goes alone).
 const MAX_APPEND_BYTES: usize = 256 * 1024;
 
-fn to_json<T: Serialize, E: std::error::Error>(
+/// The content type of a Raft RPC's body and answer.
+pub const RPC_CONTENT_TYPE: &str = "application/x-postcard";
+
+fn encode<T: Serialize, E: std::error::Error>(
     rpc: &T,
 ) -> Result<Vec<u8>, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>> {
-    serde_json::to_vec(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    payload::encode(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))
 }
 
 /// The header describing a snapshot chunk whose bytes are the request's body.
@@ -80,7 +85,7 @@ impl Peer {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        self.post(route, body, "application/json", None, option).await
+        self.post(route, body, RPC_CONTENT_TYPE, None, option).await
     }
 
     async fn post<Resp, E>(
@@ -125,8 +130,9 @@ impl Peer {
             let e = std::io::Error::other(format!("peer answered {}", response.status()));
             return Err(RPCError::Network(NetworkError::new(&e)));
         }
+        let body = response.bytes().await.map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let result: Result<Resp, RaftError<NodeId, E>> =
-            response.json().await.map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            payload::decode(&body).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result
             .map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, BasicNode::new(&self.addr), e)))
     }
@@ -140,7 +146,7 @@ impl RaftNetwork<TypeConfig> for Peer {
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         // openraft gives an AppendEntries one heartbeat interval. A batch too big to carry
         // in that time would time out forever, so ask for fewer entries instead.
-        let body = serde_json::to_vec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let body = encode(&rpc)?;
         let entries = rpc.entries.len() as u64;
         if body.len() > MAX_APPEND_BYTES && entries > 1 {
             let hint = (entries * MAX_APPEND_BYTES as u64 / body.len() as u64).max(1);
@@ -166,6 +172,6 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.send("vote", to_json(&rpc)?, &option).await
+        self.send("vote", encode(&rpc)?, &option).await
     }
 }

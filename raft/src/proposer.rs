@@ -7,10 +7,10 @@
 //!
 //! The proposer stands in front of the core. A write waits in its queue only while
 //! [`IN_FLIGHT`] entries are already on their way; the moment one is done, every write that
-//! arrived meanwhile is proposed together as one entry, `{"batch": [c1, c2, ...]}`. The
-//! state machine applies the commands of such an entry in order, each in a savepoint of its
-//! own and with its own answer (see [`crate::state`]), exactly as if they had been entries
-//! of their own at the same log index. At rest a write is proposed alone, as before.
+//! arrived meanwhile is proposed together as one entry (a [`Proposal`] of several writes).
+//! The state machine applies the writes of such an entry in order, each in a savepoint of
+//! its own and with its own answer (see [`crate::state`]), exactly as if they had been
+//! entries of their own at the same log index. At rest an entry carries one write.
 //!
 //! Nothing about a write's outcome changes: a batch is committed, or not, as a whole, so
 //! every command in it gets the answer one entry would have had; and commands proposed
@@ -23,11 +23,9 @@ use openraft::Raft;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::Instrument;
 
-use crate::replica::{Applied, WriteError};
+use crate::payload::{Outcome, Outcomes, Proposal, Write};
+use crate::replica::WriteError;
 use crate::TypeConfig;
-
-/// The key of an entry that carries several commands.
-pub const BATCH: &str = "batch";
 
 /// Entries proposed and not yet applied, at most. One keeps the leader's fsync and the
 /// followers' replication of the next entry from overlapping; many make entries small.
@@ -38,18 +36,21 @@ pub const IN_FLIGHT: usize = 2;
 /// Commands in one entry, at most.
 pub const MAX_BATCH: usize = 256;
 
-type Answer = oneshot::Sender<Result<Applied, WriteError>>;
+/// An applied write: the index of its entry and the machine's answer, encoded.
+pub type Written = (u64, Vec<u8>);
+
+type Answer = oneshot::Sender<Result<Written, WriteError>>;
 
 /// The queue in front of a replica's Raft core. Cheap to clone.
 #[derive(Clone)]
 pub struct Proposer {
-    queue: mpsc::UnboundedSender<(serde_json::Value, Answer)>,
+    queue: mpsc::UnboundedSender<(Write, Answer)>,
 }
 
 impl Proposer {
     /// Starts the task that proposes for `raft`; it ends when every `Proposer` is dropped.
     pub fn spawn(raft: Raft<TypeConfig>) -> Self {
-        let (queue, mut waiting) = mpsc::unbounded_channel::<(serde_json::Value, Answer)>();
+        let (queue, mut waiting) = mpsc::unbounded_channel::<(Write, Answer)>();
         tokio::spawn(async move {
             let slots = Arc::new(Semaphore::new(IN_FLIGHT));
             while let Some(first) = waiting.recv().await {
@@ -72,38 +73,22 @@ impl Proposer {
         Proposer { queue }
     }
 
-    /// Proposes `command` and waits until it is applied here or known never to be.
-    pub async fn write(&self, command: serde_json::Value) -> Result<Applied, WriteError> {
+    /// Proposes `write` and waits until it is applied here or known never to be.
+    pub async fn write(&self, write: Write) -> Result<Written, WriteError> {
         let (answer, answered) = oneshot::channel();
-        self.queue.send((command, answer)).map_err(|_| WriteError::Unknown("the replica is stopping".into()))?;
+        self.queue.send((write, answer)).map_err(|_| WriteError::Unknown("the replica is stopping".into()))?;
         answered.await.unwrap_or_else(|_| Err(WriteError::Unknown("the replica stopped before it could tell".into())))
     }
 }
 
-/// Proposes `batch` as one entry (a lone command as itself) and answers each command.
-async fn propose(raft: &Raft<TypeConfig>, batch: Vec<(serde_json::Value, Answer)>) {
-    let (commands, answers): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-    let alone = commands.len() == 1;
-    let entry = match alone {
-        true => commands.into_iter().next().unwrap_or_default(),
-        false => serde_json::json!({ BATCH: commands }),
-    };
-    let span = tracing::info_span!("raft.entry", hop = if alone { "one command" } else { "batch" });
-    let written = raft.client_write(entry).instrument(span).await;
-    let responses = match written {
-        Ok(response) => {
-            let index = response.log_id.index;
-            let responses = match (alone, response.data) {
-                (true, data) => vec![data],
-                (false, serde_json::Value::Array(each)) if each.len() == answers.len() => each,
-                (false, other) => {
-                    tracing::error!(answer = %other, "a batch was answered without one answer per command");
-                    let lost = WriteError::Unknown("the batch's answer did not match its commands".into());
-                    return answer_all(answers, Err(lost));
-                }
-            };
-            responses.into_iter().map(|data| answer_of(index, data)).collect::<Vec<_>>()
-        }
+/// Proposes `batch` as one entry and answers each write.
+async fn propose(raft: &Raft<TypeConfig>, batch: Vec<(Write, Answer)>) {
+    let (writes, answers): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    let hop = if writes.len() == 1 { "one command" } else { "batch" };
+    let span = tracing::info_span!("raft.entry", hop);
+    let written = raft.client_write(Proposal { writes }).instrument(span).await;
+    let (index, Outcomes(outcomes)) = match written {
+        Ok(response) => (response.log_id.index, response.data),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
             return answer_all(answers, Err(WriteError::NotLeader(f.leader_node.map(|n| n.addr))))
         }
@@ -112,22 +97,26 @@ async fn propose(raft: &Raft<TypeConfig>, batch: Vec<(serde_json::Value, Answer)
             return answer_all(answers, Err(WriteError::Unknown(e.to_string())));
         }
     };
-    for (answer, response) in answers.into_iter().zip(responses) {
-        let _ = answer.send(response);
+    if outcomes.len() != answers.len() {
+        tracing::error!(
+            outcomes = outcomes.len(),
+            writes = answers.len(),
+            "an entry was answered without one outcome per write"
+        );
+        let lost = WriteError::Unknown("the entry's answer did not match its writes".into());
+        return answer_all(answers, Err(lost));
+    }
+    for (answer, outcome) in answers.into_iter().zip(outcomes) {
+        let _ = answer.send(match outcome {
+            Outcome::Applied(bytes) => Ok((index, bytes)),
+            Outcome::StaleTerm { .. } => Err(WriteError::StaleTerm),
+            Outcome::Rejected(reason) => Err(WriteError::Rejected(reason)),
+        });
     }
 }
 
-fn answer_all(answers: Vec<Answer>, outcome: Result<Applied, WriteError>) {
+fn answer_all(answers: Vec<Answer>, outcome: Result<Written, WriteError>) {
     for answer in answers {
         let _ = answer.send(outcome.clone());
-    }
-}
-
-/// What one applied command's answer means to its proposer.
-fn answer_of(index: u64, data: serde_json::Value) -> Result<Applied, WriteError> {
-    match data["error"].as_str() {
-        Some("stale_term") => Err(WriteError::StaleTerm),
-        Some("rejected") => Err(WriteError::Rejected(data["message"].as_str().unwrap_or_default().to_string())),
-        _ => Ok(Applied { index, response: data }),
     }
 }

@@ -19,9 +19,10 @@ use quire_common::{headers, ApiError, Deadline};
 use crate::bootstrap::{same_address, GroupView, Start};
 use crate::log_store::{Identity, LogStore};
 use crate::network::Network;
+use crate::payload::{self, Command, Write};
 use crate::proposer::Proposer;
 use crate::read_index::{ReadIndex, ReadIndexError, Round};
-use crate::state::{Reads, StateStore};
+use crate::state::{Apply, Reads, StateStore};
 use crate::{Machine, NodeId, TypeConfig};
 
 /// Raft timing and log-compaction knobs.
@@ -91,12 +92,13 @@ pub struct ReplicaConfig {
 }
 
 /// The answer of a committed, applied write.
-#[derive(Debug, Clone)]
-pub struct Applied {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied<A> {
     /// Log index of the entry that carried the write (with others, under load): the version
     /// of every row it touched.
     pub index: u64,
-    pub response: serde_json::Value,
+    /// What the machine answered.
+    pub answer: A,
 }
 
 /// Why a proposal has no answer.
@@ -119,6 +121,10 @@ pub enum WriteError {
     /// [`Machine::apply`](crate::Machine::apply)).
     #[error("the state machine rejected the command: {0}")]
     Rejected(String),
+    /// A command that does not encode (nothing was proposed), or an answer that does not
+    /// decode (the write was applied): a bug, not a state of the group.
+    #[error("a command or its answer did not (de)code: {0}")]
+    Codec(String),
 }
 
 impl From<WriteError> for ApiError {
@@ -133,6 +139,10 @@ impl From<WriteError> for ApiError {
                 tracing::error!(%reason, "a command was rejected by the state machine");
                 ApiError::internal("the store could not apply this request; nothing was changed")
             }
+            WriteError::Codec(reason) => {
+                tracing::error!(%reason, "a command or its answer did not (de)code");
+                ApiError::internal("the store could not encode this request or decode its answer")
+            }
         }
     }
 }
@@ -143,7 +153,7 @@ pub struct Replica {
     pub advertise: String,
     pub raft: Raft<TypeConfig>,
     pub reads: Arc<Reads>,
-    pub machine: Arc<dyn Machine>,
+    pub machine: Arc<dyn Apply>,
     pub client: reqwest::Client,
     pub token: Token,
     /// Boot, worker slots and draining of this server (free unless emulated).
@@ -175,7 +185,8 @@ impl Replica {
     /// Opens the stores and starts Raft, deciding first who this replica is when its data
     /// directory is empty (which may wait for the group's members to answer), and founding
     /// the group when that is the decision.
-    pub async fn start(config: ReplicaConfig, machine: Arc<dyn Machine>) -> anyhow::Result<Arc<Replica>> {
+    pub async fn start(config: ReplicaConfig, machine: impl Machine) -> anyhow::Result<Arc<Replica>> {
+        let machine: Arc<dyn Apply> = Arc::new(machine);
         std::fs::create_dir_all(&config.dir)?;
         let (election_min, election_max) = config.tuning.election_band(config.seat);
         let raft_config = openraft::Config {
@@ -435,7 +446,7 @@ impl Replica {
     }
 
     /// Proposes `command`; returns once it is committed and applied here (on the leader).
-    pub async fn write(&self, command: serde_json::Value, deadline: Deadline) -> Result<Applied, ApiError> {
+    pub async fn write<C: Command>(&self, command: &C, deadline: Deadline) -> Result<Applied<C::Answer>, ApiError> {
         match tokio::time::timeout(deadline.remaining(), self.propose(command)).await {
             Ok(answer) => answer.map_err(ApiError::from),
             Err(_) => Err(ApiError::deadline_exceeded(
@@ -448,21 +459,31 @@ impl Replica {
     /// that prepared a write while leading `term` (holding caches, say) and lost and
     /// regained leadership before proposing it gets [`WriteError::StaleTerm`], and the write
     /// is applied nowhere.
-    pub async fn propose_in_term(&self, term: u64, command: serde_json::Value) -> Result<Applied, WriteError> {
-        let proposal = serde_json::json!({ crate::state::IN_TERM: term, "command": command });
-        self.propose(proposal).await
+    pub async fn propose_in_term<C: Command>(&self, term: u64, command: &C) -> Result<Applied<C::Answer>, WriteError> {
+        self.propose_write(Some(term), command).await
     }
 
     /// Proposes `command` and waits, however long it takes, until it is applied here (a
     /// replica that stopped leading meanwhile still applies it once it is committed) or is
     /// known never to be.
-    pub async fn propose(&self, command: serde_json::Value) -> Result<Applied, WriteError> {
+    pub async fn propose<C: Command>(&self, command: &C) -> Result<Applied<C::Answer>, WriteError> {
+        self.propose_write(None, command).await
+    }
+
+    async fn propose_write<C: Command>(
+        &self,
+        in_term: Option<u64>,
+        command: &C,
+    ) -> Result<Applied<C::Answer>, WriteError> {
+        let command = payload::encode(command).map_err(|e| WriteError::Codec(e.to_string()))?;
         // An emulated DB write is latency, not a lock: writes overlap freely.
         self.workers.write_latency().await;
         // Every write is timed here, without a span (`quire_common::timings`); the entries
         // that carry them are spans of their own (`raft.entry`).
         let _watch = quire_common::timings::Stopwatch::start("raft.write");
-        self.proposer.write(command).await
+        let (index, answer) = self.proposer.write(Write { in_term, command }).await?;
+        let answer = payload::decode(&answer).map_err(|e| WriteError::Codec(e.to_string()))?;
+        Ok(Applied { index, answer })
     }
 
     /// Waits until a read that starts now would observe every write acknowledged before

@@ -44,7 +44,7 @@ pub fn router(api: Router, replica: &Arc<Replica>, identity: Identity, token: To
 pub async fn serve(
     listener: TcpListener,
     member: &Member,
-    machine: Arc<dyn Machine>,
+    machine: impl Machine,
     identity: Identity,
     api: impl FnOnce(&Arc<Replica>) -> Router,
     shutdown: impl Future<Output = ()> + Send + 'static,

@@ -22,7 +22,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 
 use crate::log_store::open;
-use crate::proposer::BATCH;
+use crate::payload::{self, Outcome, Outcomes, Write};
 use crate::{Machine, NodeId, TypeConfig};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
@@ -136,7 +136,7 @@ fn digest_in(conn: &Connection, tables: &[&str]) -> rusqlite::Result<(u64, Strin
 pub struct StateStore {
     dir: PathBuf,
     conn: Arc<Mutex<Connection>>,
-    machine: Arc<dyn Machine>,
+    machine: Arc<dyn Apply>,
     /// Serialises building and installing snapshots (both touch the snapshot files).
     snapshot_lock: Arc<tokio::sync::Mutex<()>>,
     pub reads: Arc<Reads>,
@@ -146,7 +146,7 @@ pub struct StateStore {
 }
 
 impl StateStore {
-    pub fn open(dir: &Path, machine: Arc<dyn Machine>) -> anyhow::Result<Self> {
+    pub fn open(dir: &Path, machine: Arc<dyn Apply>) -> anyhow::Result<Self> {
         let path = dir.join("state.db");
         let mut conn = open(&path, false)?;
         conn.execute_batch(META_SCHEMA)?;
@@ -178,7 +178,7 @@ impl StateStore {
 
     async fn with_conn<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Connection, &dyn Machine) -> StorageResult<T> + Send + 'static,
+        f: impl FnOnce(&mut Connection, &dyn Apply) -> StorageResult<T> + Send + 'static,
     ) -> StorageResult<T> {
         let conn = self.conn.clone();
         let machine = self.machine.clone();
@@ -239,7 +239,7 @@ fn snapshot_meta(path: &Path) -> rusqlite::Result<SnapshotMeta<NodeId, openraft:
 
 /// Replaces the service's tables and `quire_meta` with those of the snapshot file at
 /// `path`, in one transaction (open read connections stay valid; FTS follows by triggers).
-fn copy_into(conn: &mut Connection, path: &Path, machine: &dyn Machine) -> rusqlite::Result<()> {
+fn copy_into(conn: &mut Connection, path: &Path, machine: &dyn Apply) -> rusqlite::Result<()> {
     conn.execute("ATTACH DATABASE ?1 AS snap", [path.to_string_lossy()])?;
     let copied = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction()?;
@@ -255,30 +255,27 @@ fn copy_into(conn: &mut Connection, path: &Path, machine: &dyn Machine) -> rusql
 
 fn apply_batch(
     conn: &mut Connection,
-    machine: &dyn Machine,
+    machine: &dyn Apply,
     entries: Vec<Entry<TypeConfig>>,
-) -> StorageResult<Vec<serde_json::Value>> {
+) -> StorageResult<Vec<Outcomes>> {
     let tx = conn.transaction().map_err(sm_err)?;
     let mut responses = Vec::with_capacity(entries.len());
     let mut last = None;
     let mut membership = None;
     for entry in entries {
         last = Some(entry.log_id);
-        let response = match entry.payload {
-            EntryPayload::Blank => serde_json::Value::Null,
-            EntryPayload::Normal(proposal) => match proposal.get(BATCH).and_then(|b| b.as_array()) {
-                // Group commit (see [`crate::proposer`]): each command as if it were alone.
-                Some(batch) => serde_json::Value::Array(
-                    batch.iter().map(|p| apply_proposal(&tx, machine, entry.log_id, p)).collect::<Result<_, _>>()?,
-                ),
-                None => apply_proposal(&tx, machine, entry.log_id, &proposal)?,
-            },
+        let outcomes = match entry.payload {
+            EntryPayload::Blank => Vec::new(),
+            // Group commit (see [`crate::proposer`]): each write as if it were alone.
+            EntryPayload::Normal(proposal) => {
+                proposal.writes.iter().map(|w| apply_write(&tx, machine, entry.log_id, w)).collect::<Result<_, _>>()?
+            }
             EntryPayload::Membership(m) => {
                 membership = Some(StoredMembership::new(Some(entry.log_id), m));
-                serde_json::Value::Null
+                Vec::new()
             }
         };
-        responses.push(response);
+        responses.push(Outcomes(outcomes));
     }
     let mut put =
         tx.prepare_cached("INSERT OR REPLACE INTO quire_meta (name, value) VALUES (?1, ?2)").map_err(sm_err)?;
@@ -293,67 +290,84 @@ fn apply_batch(
     Ok(responses)
 }
 
-/// Applies one proposal of the entry at `log_id`: a command, or a command bound to the
-/// term it was proposed in.
-fn apply_proposal(
+/// Applies one write of the entry at `log_id`, unless it is bound to another term.
+fn apply_write(
     tx: &rusqlite::Transaction<'_>,
-    machine: &dyn Machine,
+    machine: &dyn Apply,
     log_id: LogId<NodeId>,
-    proposal: &serde_json::Value,
-) -> StorageResult<serde_json::Value> {
-    match in_term(proposal) {
-        // A proposal bound to the term it was made in, appended in a later one.
-        Some((term, _)) if term != log_id.leader_id.term => Ok(stale_term(term)),
-        Some((_, command)) => apply_one(tx, machine, log_id.index, command),
-        None => apply_one(tx, machine, log_id.index, proposal),
+    write: &Write,
+) -> StorageResult<Outcome> {
+    match write.in_term {
+        // A write bound to the term it was proposed in, appended in a later one.
+        Some(term) if term != log_id.leader_id.term => Ok(Outcome::StaleTerm { term }),
+        _ => apply_one(tx, machine, log_id.index, &write.command),
     }
 }
 
 /// Applies one command inside a savepoint. A failure the command itself causes (a
-/// constraint it breaks, a value out of range) fails the same way on every replica: it is
-/// rolled back and answered as [`rejected`], so the entry is applied as a no-op everywhere
-/// and the group goes on. Any other failure (I/O, a full disk, corruption) is a storage
-/// error, which stops this replica alone.
+/// constraint it breaks, a value out of range, bytes that do not decode) fails the same
+/// way on every replica: it is rolled back and answered [`Outcome::Rejected`], so the
+/// write is applied as a no-op everywhere and the group goes on. Any other failure (I/O, a
+/// full disk, corruption) is a storage error, which stops this replica alone.
 fn apply_one(
     tx: &rusqlite::Transaction<'_>,
-    machine: &dyn Machine,
+    machine: &dyn Apply,
     index: u64,
-    command: &serde_json::Value,
-) -> StorageResult<serde_json::Value> {
+    command: &[u8],
+) -> StorageResult<Outcome> {
     // Prepared once per connection and kept: these run for every entry.
     let run = |sql: &str| tx.prepare_cached(sql).and_then(|mut s| s.execute([])).map(|_| ()).map_err(sm_err);
     run("SAVEPOINT command")?;
-    match machine.apply(tx, index, command) {
-        Ok(response) => {
+    let rejected = match machine.apply_encoded(tx, index, command) {
+        Ok(Ok(answer)) => {
             run("RELEASE command")?;
-            Ok(response)
+            return Ok(Outcome::Applied(answer));
         }
-        Err(e) if caused_by_the_command(&e) => {
-            tracing::warn!(index, error = %e, "command rejected by the state machine; applied as a no-op");
-            tx.execute_batch("ROLLBACK TO command; RELEASE command").map_err(sm_err)?;
-            Ok(rejected(&e.to_string()))
-        }
-        Err(e) => Err(sm_err(e)),
+        Ok(Err(reason)) => reason,
+        Err(e) if caused_by_the_command(&e) => e.to_string(),
+        Err(e) => return Err(sm_err(e)),
+    };
+    tracing::warn!(index, reason = %rejected, "command rejected by the state machine; applied as a no-op");
+    tx.execute_batch("ROLLBACK TO command; RELEASE command").map_err(sm_err)?;
+    Ok(Outcome::Rejected(rejected))
+}
+
+/// A [`Machine`] as the state store drives it: its commands and answers as bytes.
+pub trait Apply: Send + Sync + 'static {
+    fn schema(&self) -> &'static str;
+    fn tables(&self) -> &'static [&'static str];
+    /// Decodes `command`, applies it and encodes its answer. `Ok(Err(reason))`: the bytes
+    /// do not decode (or the answer does not encode), the same on every replica.
+    fn apply_encoded(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        index: u64,
+        command: &[u8],
+    ) -> rusqlite::Result<Result<Vec<u8>, String>>;
+}
+
+impl<M: Machine> Apply for M {
+    fn schema(&self) -> &'static str {
+        Machine::schema(self)
     }
-}
 
-/// The key of a proposal bound to a term: `{"in_term": t, "command": c}` applies `c` only if
-/// the entry was appended in term `t` (see [`Replica::propose_in_term`](crate::Replica)).
-pub const IN_TERM: &str = "in_term";
+    fn tables(&self) -> &'static [&'static str] {
+        Machine::tables(self)
+    }
 
-/// The term and command of a term-bound proposal.
-fn in_term(proposal: &serde_json::Value) -> Option<(u64, &serde_json::Value)> {
-    Some((proposal.get(IN_TERM)?.as_u64()?, proposal.get("command")?))
-}
-
-/// The answer of a term-bound proposal appended in another term: applied as a no-op.
-fn stale_term(term: u64) -> serde_json::Value {
-    serde_json::json!({ "error": "stale_term", "message": format!("proposed in term {term}, appended in another") })
-}
-
-/// The answer of a command the state machine could not apply (see [`apply_one`]).
-pub fn rejected(reason: &str) -> serde_json::Value {
-    serde_json::json!({ "error": "rejected", "message": reason })
+    fn apply_encoded(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        index: u64,
+        command: &[u8],
+    ) -> rusqlite::Result<Result<Vec<u8>, String>> {
+        let command = match payload::decode::<M::Command>(command) {
+            Ok(command) => command,
+            Err(e) => return Ok(Err(format!("undecodable command: {e}"))),
+        };
+        let answer = self.apply(tx, index, command)?;
+        Ok(payload::encode(&answer).map_err(|e| format!("unencodable answer: {e}")))
+    }
 }
 
 /// Whether `e` follows from the command's data, and so happens on every replica alike.
@@ -380,7 +394,7 @@ impl RaftStateMachine<TypeConfig> for StateStore {
         self.with_conn(|conn, _| read_applied(conn).map_err(sm_err)).await
     }
 
-    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<serde_json::Value>>
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Outcomes>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + openraft::OptionalSend,
         I::IntoIter: openraft::OptionalSend,

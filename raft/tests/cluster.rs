@@ -11,11 +11,32 @@ use std::time::{Duration, Instant};
 use quire_common::http::Token;
 use quire_common::Deadline;
 use quire_raft::{Machine, NodeId, Replica, ReplicaConfig, Tuning, WriteError};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 struct Kv;
 
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+enum Put {
+    /// One key.
+    One { k: String, v: String },
+    /// `n` keys `prefix0..` at once, each with a 64-character value.
+    Fill { n: u64, prefix: String },
+}
+
+/// The index the put was applied at, and its key (of a single put).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Done {
+    index: u64,
+    k: Option<String>,
+}
+
+impl quire_raft::Command for Put {
+    type Answer = Done;
+}
+
 impl Machine for Kv {
+    type Command = Put;
+
     fn schema(&self) -> &'static str {
         // Values are short: a longer one breaks the constraint, on every replica alike.
         "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT NOT NULL CHECK (length(v) <= 64), version INTEGER NOT NULL);"
@@ -23,22 +44,29 @@ impl Machine for Kv {
     fn tables(&self) -> &'static [&'static str] {
         &["kv"]
     }
-    fn apply(&self, tx: &rusqlite::Transaction<'_>, index: u64, command: &Value) -> rusqlite::Result<Value> {
-        // `{"fill": n, "prefix": p}`: n keys `p0..` at once, each with a 64-character value.
-        if let (Some(n), Some(prefix)) = (command["fill"].as_u64(), command["prefix"].as_str()) {
-            tx.execute(
-                "WITH RECURSIVE i(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM i WHERE x + 1 < ?1)
-                 INSERT OR REPLACE INTO kv (k, v, version) SELECT ?2 || x, printf('%064d', x), ?3 FROM i",
-                rusqlite::params![n as i64, prefix, index],
-            )?;
-            return Ok(json!({"ok": index}));
+    fn apply(&self, tx: &rusqlite::Transaction<'_>, index: u64, command: Put) -> rusqlite::Result<Done> {
+        match command {
+            Put::Fill { n, prefix } => {
+                tx.execute(
+                    "WITH RECURSIVE i(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM i WHERE x + 1 < ?1)
+                     INSERT OR REPLACE INTO kv (k, v, version) SELECT ?2 || x, printf('%064d', x), ?3 FROM i",
+                    rusqlite::params![n as i64, prefix, index],
+                )?;
+                Ok(Done { index, k: None })
+            }
+            Put::One { k, v } => {
+                tx.execute(
+                    "INSERT OR REPLACE INTO kv (k, v, version) VALUES (?1, ?2, ?3)",
+                    rusqlite::params![k, v, index],
+                )?;
+                Ok(Done { index, k: Some(k) })
+            }
         }
-        let (Some(k), Some(v)) = (command["k"].as_str(), command["v"].as_str()) else {
-            return Ok(json!({"error": "bad command"}));
-        };
-        tx.execute("INSERT OR REPLACE INTO kv (k, v, version) VALUES (?1, ?2, ?3)", rusqlite::params![k, v, index])?;
-        Ok(json!({"ok": index, "k": k}))
     }
+}
+
+fn put_of(k: &str, v: &str) -> Put {
+    Put::One { k: k.into(), v: v.into() }
 }
 
 const TOKEN: &str = "test-token-of-the-cluster";
@@ -88,7 +116,7 @@ async fn start_member(
         first_start: false,
         capacity: None,
     };
-    let replica = Replica::start(config, Arc::new(Kv)).await.unwrap();
+    let replica = Replica::start(config, Kv).await.unwrap();
     if !replica.replaces().is_empty() {
         tokio::spawn(replica.clone().take_seat());
     }
@@ -132,20 +160,20 @@ async fn leader_of(nodes: &[&Node]) -> NodeId {
 
 /// Writes through whichever node leads, following leader changes as a client would.
 async fn put(nodes: &[Node], k: &str, v: &str) -> u64 {
-    propose(nodes, json!({"k": k, "v": v})).await
+    propose(nodes, put_of(k, v)).await
 }
 
 /// Proposes `command` through whichever node leads, following leader changes.
-async fn propose(nodes: &[Node], command: Value) -> u64 {
+async fn propose(nodes: &[Node], command: Put) -> u64 {
     let start = Instant::now();
     loop {
         if let Some(leader) = nodes.iter().find(|n| n.replica.is_leader()) {
-            match leader.replica.write(command.clone(), Deadline::after(Duration::from_secs(5))).await {
+            match leader.replica.write(&command, Deadline::after(Duration::from_secs(5))).await {
                 Ok(applied) => return applied.index,
-                Err(e) => assert!(start.elapsed() < Duration::from_secs(20), "write of {command} failed: {e}"),
+                Err(e) => assert!(start.elapsed() < Duration::from_secs(20), "write of {command:?} failed: {e}"),
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "no leader took the write of {command}");
+        assert!(start.elapsed() < Duration::from_secs(20), "no leader took the write of {command:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -233,7 +261,7 @@ async fn elects_replicates_and_fails_over() {
         let leader = leader_of(&nodes.iter().collect::<Vec<_>>()).await;
         let l = nodes.iter().position(|n| n.replica.id == leader).unwrap();
         let f = (l + 1) % 3;
-        let answer = nodes[f].replica.write(json!({"k": "x", "v": "y"}), Deadline::after(Duration::from_secs(2))).await;
+        let answer = nodes[f].replica.write(&put_of("x", "y"), Deadline::after(Duration::from_secs(2))).await;
         if let Err(err) = answer {
             assert_eq!(err.code, "not_leader");
             if err.leader.as_deref() == Some(nodes[l].url.as_str()) {
@@ -310,7 +338,7 @@ async fn a_snapshot_of_many_chunks_reaches_a_new_learner() {
     let l = nodes.iter().position(|n| n.replica.id == leader).unwrap();
     // About 5 MiB of state: 40 000 keys of 64-character values.
     for batch in 0..4 {
-        propose(&nodes, json!({"fill": 10_000, "prefix": format!("big{batch}-")})).await;
+        propose(&nodes, Put::Fill { n: 10_000, prefix: format!("big{batch}-") }).await;
     }
     for i in 0..60 {
         put(&nodes, &format!("k{i}"), "v").await;
@@ -339,10 +367,20 @@ async fn a_command_that_cannot_apply_is_rejected_and_the_group_goes_on() {
     put(&nodes, "a", "1").await;
     let leader = leader_of(&nodes.iter().collect::<Vec<_>>()).await;
     let l = nodes.iter().position(|n| n.replica.id == leader).unwrap();
-    let poison = json!({"k": "a", "v": "x".repeat(100)});
-    match nodes[l].replica.propose(poison).await {
+    let poison = put_of("a", &"x".repeat(100));
+    match nodes[l].replica.propose(&poison).await {
         Err(WriteError::Rejected(reason)) => assert!(reason.contains("CHECK"), "{reason}"),
         other => panic!("a command breaking a constraint was not rejected: {other:?}"),
+    }
+    // So is one that is not the machine's command at all (it does not decode).
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Stray(u32);
+    impl quire_raft::Command for Stray {
+        type Answer = Done;
+    }
+    match nodes[l].replica.propose(&Stray(9)).await {
+        Err(WriteError::Rejected(reason)) => assert!(reason.contains("undecodable"), "{reason}"),
+        other => panic!("a command that does not decode was not rejected: {other:?}"),
     }
     put(&nodes, "b", "2").await;
     converge(&nodes.iter().collect::<Vec<_>>()).await;
@@ -376,10 +414,10 @@ async fn writes_proposed_together_share_entries_and_are_answered_one_by_one() {
         tokio::spawn(async move {
             match i {
                 // Breaks the value's CHECK constraint: rolled back alone.
-                50 => replica.propose(json!({"k": "k50", "v": "x".repeat(100)})).await,
+                50 => replica.propose(&put_of("k50", &"x".repeat(100))).await,
                 // Bound to a term this leader never led.
-                100 => replica.propose_in_term(term + 1, json!({"k": "k100", "v": "stale"})).await,
-                _ => replica.propose(json!({"k": format!("k{i}"), "v": format!("v{i}")})).await,
+                100 => replica.propose_in_term(term + 1, &put_of("k100", "stale")).await,
+                _ => replica.propose(&put_of(&format!("k{i}"), &format!("v{i}"))).await,
             }
         })
     });
@@ -389,8 +427,8 @@ async fn writes_proposed_together_share_entries_and_are_answered_one_by_one() {
             (50, Err(WriteError::Rejected(_))) | (100, Err(WriteError::StaleTerm)) => {}
             (50 | 100, other) => panic!("write {i} was answered {other:?}"),
             (_, Ok(applied)) => {
-                let own = json!({"ok": applied.index, "k": format!("k{i}")});
-                assert_eq!(applied.response, own, "write {i} got another's answer");
+                let own = Done { index: applied.index, k: Some(format!("k{i}")) };
+                assert_eq!(applied.answer, own, "write {i} got another's answer");
                 indexes.insert(applied.index);
             }
             (_, Err(e)) => panic!("write {i} failed: {e}"),
@@ -455,14 +493,17 @@ async fn rpcs_for_another_group_or_node_or_from_itself_are_refused() {
     put(&nodes, "a", "1").await;
     let target = &nodes[0];
     let client = reqwest::Client::new();
-    let vote = |candidate: NodeId| json!({"vote": {"leader_id": {"term": 99, "node_id": candidate}, "committed": false}, "last_log_id": null});
-    let send = |group: &str, node: NodeId, body: Value| {
+    let vote = |candidate: NodeId| {
+        quire_raft::payload::encode(&openraft::raft::VoteRequest::new(openraft::Vote::new(99, candidate), None))
+            .unwrap()
+    };
+    let send = |group: &str, node: NodeId, body: Vec<u8>| {
         client
             .post(format!("{}/raft/vote", target.url))
             .header(quire_common::headers::TOKEN, TOKEN)
             .header(quire_common::headers::GROUP, group)
             .header(quire_common::headers::NODE, node)
-            .json(&body)
+            .body(body)
             .send()
     };
     let refused = |r: reqwest::Response, code: &'static str| async move {
