@@ -56,9 +56,13 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
+        // Parsed once per peer, not once per RPC. An address that does not parse fails
+        // each RPC as unreachable.
+        let url = |route: Route| reqwest::Url::parse(&format!("{}/raft/{}", node.addr, route.name())).ok();
         Peer {
             target,
             addr: node.addr.clone(),
+            urls: Route::ALL.map(url),
             client: self.client.clone(),
             token: self.token.clone(),
             group: self.group.clone(),
@@ -66,9 +70,31 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
+/// The Raft RPCs a peer serves.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl Route {
+    const ALL: [Route; 3] = [Route::Append, Route::Vote, Route::Snapshot];
+
+    fn name(self) -> &'static str {
+        match self {
+            Route::Append => "append",
+            Route::Vote => "vote",
+            Route::Snapshot => "snapshot",
+        }
+    }
+}
+
 pub struct Peer {
     target: NodeId,
     addr: String,
+    /// Each [`Route`] at the peer, in the order of [`Route::ALL`].
+    urls: [Option<reqwest::Url>; 3],
     client: reqwest::Client,
     token: std::sync::Arc<str>,
     group: std::sync::Arc<str>,
@@ -77,7 +103,7 @@ pub struct Peer {
 impl Peer {
     async fn send<Resp, E>(
         &self,
-        route: &str,
+        route: Route,
         body: Vec<u8>,
         option: &RPCOption,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
@@ -90,7 +116,7 @@ impl Peer {
 
     async fn post<Resp, E>(
         &self,
-        route: &str,
+        route: Route,
         body: Vec<u8>,
         content_type: &str,
         chunk: Option<String>,
@@ -101,10 +127,14 @@ impl Peer {
         E: std::error::Error + DeserializeOwned,
     {
         // Timed until the answer is decoded (`quire_common::timings`).
-        let _timing = tracing::info_span!("raft.send", hop = route);
+        let _timing = tracing::info_span!("raft.send", hop = route.name());
+        let Some(url) = self.urls[route as usize].clone() else {
+            let e = std::io::Error::other(format!("{} is not a URL", self.addr));
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        };
         let mut request = self
             .client
-            .post(format!("{}/raft/{route}", self.addr))
+            .post(url)
             .header(headers::TOKEN, &*self.token)
             .header(headers::GROUP, &*self.group)
             .header(headers::NODE, self.target)
@@ -152,7 +182,7 @@ impl RaftNetwork<TypeConfig> for Peer {
             let hint = (entries * MAX_APPEND_BYTES as u64 / body.len() as u64).max(1);
             return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(hint)));
         }
-        self.send("append", body, &option).await
+        self.send(Route::Append, body, &option).await
     }
 
     async fn install_snapshot(
@@ -164,7 +194,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         // The chunk travels as the raw body; what describes it, in a header.
         let chunk = SnapshotChunk { vote: rpc.vote, meta: rpc.meta, offset: rpc.offset, done: rpc.done };
         let header = serde_json::to_string(&chunk).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        self.post("snapshot", rpc.data, "application/octet-stream", Some(header), &option).await
+        self.post(Route::Snapshot, rpc.data, "application/octet-stream", Some(header), &option).await
     }
 
     async fn vote(
@@ -172,6 +202,6 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.send("vote", encode(&rpc)?, &option).await
+        self.send(Route::Vote, encode(&rpc)?, &option).await
     }
 }
