@@ -69,6 +69,38 @@ pub(crate) fn open(path: &Path, durable: bool) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Appends and reads of up to this many entries, and applies of up to this many commands,
+/// run their SQLite work on the calling task's thread: they take a fraction of a millisecond (an fsync included, on
+/// this project's machines), and handing each to a blocking thread and back cost the
+/// servers more CPU in thread wake-ups than the work itself (bench/README.md, "SQLite
+/// work without a thread hop"). Larger batches (a follower catching up, a snapshot) still
+/// go to a blocking thread, so they never hold a runtime worker for long.
+pub(crate) const INLINE_ENTRIES: u64 = 64;
+
+/// Runs `f` with `conn` locked: right here when `inline`, else on a blocking thread.
+pub(crate) async fn locked<C, T>(
+    conn: &Arc<Mutex<C>>,
+    inline: bool,
+    f: impl FnOnce(&mut C) -> T + Send + 'static,
+) -> std::io::Result<T>
+where
+    C: Send + 'static,
+    T: Send + 'static,
+{
+    let poisoned = || std::io::Error::other("connection lock poisoned");
+    if inline {
+        let mut conn = conn.lock().map_err(|_| poisoned())?;
+        return Ok(f(&mut conn));
+    }
+    let conn = conn.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = conn.lock().map_err(|_| poisoned())?;
+        Ok(f(&mut conn))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
 fn io_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::write(&e).into()
 }
@@ -144,13 +176,16 @@ impl LogStore {
         &self,
         f: impl FnOnce(&mut Connection) -> StorageResult<T> + Send + 'static,
     ) -> StorageResult<T> {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn.lock().map_err(|_| io_err(std::io::Error::other("log store lock poisoned")))?;
-            f(&mut conn)
-        })
-        .await
-        .map_err(io_err)?
+        self.on_writer(false, f).await
+    }
+
+    /// Runs `f` on the writer connection, right here when `inline` (see [`INLINE_ENTRIES`]).
+    async fn on_writer<T: Send + 'static>(
+        &self,
+        inline: bool,
+        f: impl FnOnce(&mut Connection) -> StorageResult<T> + Send + 'static,
+    ) -> StorageResult<T> {
+        locked(&self.conn, inline, f).await.map_err(io_err)?
     }
 
     /// The committed log id saved since the last write, to be written with the next one.
@@ -235,13 +270,8 @@ impl RaftLogReader<TypeConfig> for LogReader {
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
         let (start, end) = bounds(&range);
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = conn.lock().map_err(|_| read_err(std::io::Error::other("log reader lock poisoned")))?;
-            read_entries(&conn, start, end)
-        })
-        .await
-        .map_err(read_err)?
+        let inline = end.saturating_sub(start) < INLINE_ENTRIES as i64;
+        locked(&self.conn, inline, move |conn| read_entries(conn, start, end)).await.map_err(read_err)?
     }
 }
 
@@ -321,8 +351,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map(|e| Ok((e.get_log_id().index as i64, payload::encode(&e).map_err(io_err)?)))
             .collect::<StorageResult<Vec<_>>>()?;
         let committed = self.take_committed()?;
+        let inline = rows.len() as u64 <= INLINE_ENTRIES;
         let result = self
-            .with_conn(move |conn| {
+            .on_writer(inline, move |conn| {
                 let tx = conn.transaction().map_err(io_err)?;
                 {
                     let mut stmt =

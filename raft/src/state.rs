@@ -21,7 +21,7 @@ use openraft::{
 use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 
-use crate::log_store::open;
+use crate::log_store::{locked, open, INLINE_ENTRIES};
 use crate::payload::{self, Outcome, Outcomes, Write};
 use crate::{Machine, NodeId, TypeConfig};
 
@@ -176,18 +176,15 @@ impl StateStore {
         })
     }
 
+    /// Runs `f` on the state connection, right here when `inline` (see
+    /// [`INLINE_ENTRIES`]), else on a blocking thread.
     async fn with_conn<T: Send + 'static>(
         &self,
+        inline: bool,
         f: impl FnOnce(&mut Connection, &dyn Apply) -> StorageResult<T> + Send + 'static,
     ) -> StorageResult<T> {
-        let conn = self.conn.clone();
         let machine = self.machine.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn.lock().map_err(|_| sm_err(other("state lock poisoned")))?;
-            f(&mut conn, machine.as_ref())
-        })
-        .await
-        .map_err(sm_err)?
+        locked(&self.conn, inline, move |conn| f(conn, machine.as_ref())).await.map_err(sm_err)?
     }
 
     fn snapshot_db(&self) -> PathBuf {
@@ -391,7 +388,7 @@ impl RaftStateMachine<TypeConfig> for StateStore {
     type SnapshotBuilder = StateStore;
 
     async fn applied_state(&mut self) -> StorageResult<(Option<LogId<NodeId>>, Membership)> {
-        self.with_conn(|conn, _| read_applied(conn).map_err(sm_err)).await
+        self.with_conn(false, |conn, _| read_applied(conn).map_err(sm_err)).await
     }
 
     async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Outcomes>>
@@ -402,7 +399,11 @@ impl RaftStateMachine<TypeConfig> for StateStore {
         use tracing::Instrument;
         let entries: Vec<_> = entries.into_iter().collect();
         let span = tracing::info_span!("raft.apply");
-        self.with_conn(move |conn, machine| apply_batch(conn, machine, entries)).instrument(span).await
+        // An entry may carry many commands (group commit): count those.
+        let commands: usize =
+            entries.iter().map(|e| if let EntryPayload::Normal(p) = &e.payload { p.writes.len() } else { 1 }).sum();
+        let inline = commands as u64 <= INLINE_ENTRIES;
+        self.with_conn(inline, move |conn, machine| apply_batch(conn, machine, entries)).instrument(span).await
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -445,7 +446,7 @@ impl RaftStateMachine<TypeConfig> for StateStore {
         .map_err(snap_err)?
         .map_err(snap_err)?;
         let path = self.snapshot_db();
-        self.with_conn(move |conn, machine| copy_into(conn, &path, machine).map_err(sm_err)).await?;
+        self.with_conn(false, move |conn, machine| copy_into(conn, &path, machine).map_err(sm_err)).await?;
         if let Some(index) = kept.last_log_id.map(|l| l.index) {
             self.installed.fetch_max(index, std::sync::atomic::Ordering::AcqRel);
         }
