@@ -6,7 +6,9 @@
 //! `VACUUM INTO` from a read transaction (so it is consistent with the `last_applied` it
 //! holds); it is sent and received a chunk at a time, straight from and to its file;
 //! installing one copies its tables into ours inside one transaction, which keeps every
-//! open read connection valid. File work and fsyncs run on blocking threads. The current snapshot is `snapshot.db`, fsynced and
+//! open read connection valid. Snapshot files and large applies are worked on blocking
+//! threads; a small apply runs inline (see `INLINE_ENTRIES` in [`crate::log_store`]). The
+//! current snapshot is `snapshot.db`, fsynced and
 //! renamed into place; its metadata is read from the file itself. Since `state.db` is not
 //! fsynced on every apply, a replica whose state is found behind its snapshot at startup
 //! (power loss after the log was purged) restores the snapshot first.
