@@ -369,6 +369,43 @@ mod tests {
         );
     }
 
+    /// The log holds commands and answers in postcard, which has no field names:
+    /// reordering a variant or a field, or changing a type, changes the log's format. These
+    /// bytes pin it; every variant survives the trip.
+    #[test]
+    fn commands_and_answers_keep_their_encoding() {
+        use quire_raft::payload::{decode, encode};
+        let decrement = Command::Decrement { item_id: 7, key: "k".into(), quantity: 2 };
+        assert_eq!(encode(&decrement).unwrap(), [1, 7, 1, b'k', 2]);
+        let result = DecrementResult {
+            item_id: 7,
+            quantity: 2,
+            seq: 3,
+            outcome: DecrementOutcome::Sold,
+            price_cents: 1500,
+            stock_left: 4,
+            version: 9,
+        };
+        let decremented = Answer::Decremented(result);
+        assert_eq!(encode(&decremented).unwrap(), [1, 7, 2, 3, 0, 0xb8, 0x17, 8, 9]);
+        let book = NewBook { id: 1, title: "T".into(), topic: "t".into(), price_cents: 5, stock: 6 };
+        for command in
+            [decrement, Command::Load { books: vec![book], last: true }, Command::Restock { item_id: 1, quantity: 2 }]
+        {
+            assert_eq!(decode::<Command>(&encode(&command).unwrap()).unwrap(), command);
+        }
+        let answers = [
+            decremented,
+            Answer::Loaded { added: 3 },
+            Answer::Restocked { stock: 4 },
+            Answer::NoSuchBook,
+            Answer::StockLimit { stock: MAX_STOCK },
+        ];
+        for answer in answers {
+            assert_eq!(decode::<Answer>(&encode(&answer).unwrap()).unwrap(), answer);
+        }
+    }
+
     #[test]
     fn search_index_follows_loads_but_not_stock() {
         let mut conn = db();

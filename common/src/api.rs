@@ -89,6 +89,10 @@ pub struct Receipt {
     pub stock_left: i64,
 }
 
+/// The state of an order.
+///
+/// Part of the Raft log's format too (postcard, no field names; see `quire_raft::payload`):
+/// any change to its shape (a field or variant added, removed or moved) is a new log format.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum OrderState {
@@ -130,6 +134,10 @@ pub struct Decrement {
     pub quantity: u32,
 }
 
+/// What a decrement did.
+///
+/// Part of the Raft log's format too (postcard, no field names; see `quire_raft::payload`):
+/// any change to its shape (a field or variant added, removed or moved) is a new log format.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum DecrementOutcome {
@@ -139,6 +147,9 @@ pub enum DecrementOutcome {
 }
 
 /// The catalog's answer to a decrement; the same answer for every repeat of the key.
+///
+/// Part of the Raft log's format too (postcard, no field names; see `quire_raft::payload`):
+/// any change to its shape (a field or variant added, removed or moved) is a new log format.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DecrementResult {
     /// The book and quantity of the key's first decrement: a repeat that names another

@@ -152,6 +152,30 @@ mod tests {
         DecrementResult { item_id, quantity: 1, seq: item_id, outcome, price_cents: 1999, stock_left: 4, version: 12 }
     }
 
+    /// The log holds commands and answers in postcard, which has no field names: these
+    /// bytes pin the format (see the catalog's machine), and answers with and without
+    /// their optional fields survive the trip.
+    #[test]
+    fn commands_and_answers_keep_their_encoding() {
+        use quire_raft::payload::{decode, encode};
+        let record =
+            Command::Record { key: "k".into(), created_ms: 5, result: answer(7, DecrementOutcome::OutOfStock) };
+        assert_eq!(encode(&record).unwrap(), [0, 1, b'k', 5, 7, 1, 7, 1, 0x9e, 0x1f, 8, 12]);
+        assert_eq!(decode::<Command>(&encode(&record).unwrap()).unwrap(), record);
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let sold = Recorded::from(run(
+            &mut conn,
+            1,
+            Command::Record { key: "a".into(), created_ms: 5, result: answer(2, DecrementOutcome::Sold) },
+        ));
+        let failed = Recorded::from(run(&mut conn, 2, record));
+        assert_eq!((sold.reason.as_deref(), failed.reason.as_deref()), (None, Some("out_of_stock")));
+        for recorded in [sold, failed] {
+            assert_eq!(decode::<Recorded>(&encode(&recorded).unwrap()).unwrap(), recorded);
+        }
+    }
+
     #[test]
     fn an_answer_is_recorded_once_per_key() {
         let mut conn = rusqlite::Connection::open_in_memory().unwrap();

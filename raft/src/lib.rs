@@ -8,6 +8,7 @@
 //! - [`bootstrap`]: who a starting replica is (its node id, founding, incarnations).
 //! - [`log_store`]: vote and log in `raft.db`, fsynced before openraft is told.
 //! - [`state`]: the state machine in `state.db`, snapshots, read connections, digests.
+//! - `sqlite`: opening a file, and when SQLite work runs inline or on a blocking thread.
 //! - [`payload`]: what an entry carries and answers, and the encoding of everything on
 //!   a write's path (postcard).
 //! - [`network`]: Raft RPCs over HTTP.
@@ -29,6 +30,7 @@ pub mod proposer;
 pub mod read_index;
 pub mod replica;
 pub mod service;
+mod sqlite;
 pub mod state;
 
 pub use payload::Command;

@@ -24,6 +24,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::payload;
+use crate::sqlite::{self, locked, open};
 use crate::{NodeId, TypeConfig};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
@@ -57,50 +58,6 @@ pub struct LogStore {
     committed: Arc<Mutex<Option<String>>>,
 }
 
-pub(crate) fn open(path: &Path, durable: bool) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(path)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })?;
-    // Small page caches: appends and point reads need few pages, and the OS caches the file.
-    conn.pragma_update(None, "cache_size", -512)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    // Room for every statement of the hot paths (appends, applies, the machines' commands).
-    conn.set_prepared_statement_cache_capacity(64);
-    Ok(conn)
-}
-
-/// Appends and reads of up to this many entries, and applies of up to this many commands,
-/// run their SQLite work on the calling task's thread: they take a fraction of a millisecond (an fsync included, on
-/// this project's machines), and handing each to a blocking thread and back cost the
-/// servers more CPU in thread wake-ups than the work itself (bench/README.md, "SQLite
-/// work without a thread hop"). Larger batches (a follower catching up, a snapshot) still
-/// go to a blocking thread, so they never hold a runtime worker for long.
-pub(crate) const INLINE_ENTRIES: u64 = 64;
-
-/// Runs `f` with `conn` locked: right here when `inline`, else on a blocking thread.
-pub(crate) async fn locked<C, T>(
-    conn: &Arc<Mutex<C>>,
-    inline: bool,
-    f: impl FnOnce(&mut C) -> T + Send + 'static,
-) -> std::io::Result<T>
-where
-    C: Send + 'static,
-    T: Send + 'static,
-{
-    let poisoned = || std::io::Error::other("connection lock poisoned");
-    if inline {
-        let mut conn = conn.lock().map_err(|_| poisoned())?;
-        return Ok(f(&mut conn));
-    }
-    let conn = conn.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut conn = conn.lock().map_err(|_| poisoned())?;
-        Ok(f(&mut conn))
-    })
-    .await
-    .map_err(std::io::Error::other)?
-}
-
 fn io_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::write(&e).into()
 }
@@ -126,7 +83,8 @@ impl LogStore {
             }
             other => anyhow::bail!(
                 "{} holds a log written by another version of quire (format {}, this one reads {LOG_FORMAT}); \
-                 start this replica with an empty data directory to rebuild it from its group",
+                 the two cannot replicate to each other either: start the whole store afresh, with empty \
+                 data directories",
                 path.display(),
                 other.unwrap_or("1")
             ),
@@ -171,16 +129,9 @@ impl LogStore {
         Ok(())
     }
 
-    /// Runs `f` on the writer connection on a blocking thread.
+    /// Runs `f` on the writer connection, right here when `inline` (see
+    /// `sqlite::inline`), else on a blocking thread.
     async fn with_conn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> StorageResult<T> + Send + 'static,
-    ) -> StorageResult<T> {
-        self.on_writer(false, f).await
-    }
-
-    /// Runs `f` on the writer connection, right here when `inline` (see [`INLINE_ENTRIES`]).
-    async fn on_writer<T: Send + 'static>(
         &self,
         inline: bool,
         f: impl FnOnce(&mut Connection) -> StorageResult<T> + Send + 'static,
@@ -196,12 +147,12 @@ impl LogStore {
     }
 
     async fn get_meta<T: DeserializeOwned + Send + 'static>(&self, name: &'static str) -> StorageResult<Option<T>> {
-        self.with_conn(move |conn| read_meta(conn, name)).await
+        self.with_conn(false, move |conn| read_meta(conn, name)).await
     }
 
     async fn put_meta<T: Serialize>(&self, name: &'static str, value: &T) -> StorageResult<()> {
         let text = serde_json::to_string(value).map_err(io_err)?;
-        self.with_conn(move |conn| {
+        self.with_conn(false, move |conn| {
             conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)", params![name, text])
                 .map_err(io_err)?;
             Ok(())
@@ -232,6 +183,11 @@ fn read_meta<T: DeserializeOwned>(conn: &Connection, name: &str) -> StorageResul
     let text: Option<String> =
         conn.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| r.get(0)).optional().map_err(read_err)?;
     text.map(|t| serde_json::from_str(&t).map_err(read_err)).transpose()
+}
+
+/// How many entries `start..=end` spans.
+fn span(start: i64, end: i64) -> usize {
+    usize::try_from(end.saturating_sub(start).saturating_add(1)).unwrap_or(0)
 }
 
 fn bounds(range: &impl RangeBounds<u64>) -> (i64, i64) {
@@ -270,7 +226,7 @@ impl RaftLogReader<TypeConfig> for LogReader {
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
         let (start, end) = bounds(&range);
-        let inline = end.saturating_sub(start) < INLINE_ENTRIES as i64;
+        let inline = sqlite::inline(span(start, end), 0);
         locked(&self.conn, inline, move |conn| read_entries(conn, start, end)).await.map_err(read_err)?
     }
 }
@@ -281,7 +237,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
         let (start, end) = bounds(&range);
-        self.with_conn(move |conn| read_entries(conn, start, end)).await
+        // openraft's core reads the entries it is about to apply through here.
+        self.with_conn(sqlite::inline(span(start, end), 0), move |conn| read_entries(conn, start, end)).await
     }
 }
 
@@ -289,7 +246,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogReader;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
-        self.with_conn(|conn| {
+        self.with_conn(false, |conn| {
             let last_purged: Option<LogId<NodeId>> = read_meta(conn, "last_purged")?;
             let last_entry: Option<Vec<u8>> = conn
                 .query_row("SELECT entry FROM log ORDER BY idx DESC LIMIT 1", [], |r| r.get(0))
@@ -351,9 +308,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map(|e| Ok((e.get_log_id().index as i64, payload::encode(&e).map_err(io_err)?)))
             .collect::<StorageResult<Vec<_>>>()?;
         let committed = self.take_committed()?;
-        let inline = rows.len() as u64 <= INLINE_ENTRIES;
+        let inline = sqlite::inline(rows.len(), rows.iter().map(|(_, entry)| entry.len()).sum());
         let result = self
-            .on_writer(inline, move |conn| {
+            .with_conn(inline, move |conn| {
                 let tx = conn.transaction().map_err(io_err)?;
                 {
                     let mut stmt =
@@ -374,7 +331,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         let from = log_id.index as i64;
-        self.with_conn(move |conn| {
+        self.with_conn(false, move |conn| {
             conn.execute("DELETE FROM log WHERE idx >= ?1", [from]).map_err(io_err)?;
             Ok(())
         })
@@ -385,7 +342,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let text = serde_json::to_string(&log_id).map_err(io_err)?;
         let upto = log_id.index as i64;
         let committed = self.take_committed()?;
-        self.with_conn(move |conn| {
+        self.with_conn(false, move |conn| {
             let tx = conn.transaction().map_err(io_err)?;
             tx.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('last_purged', ?1)", [&text])
                 .map_err(io_err)?;
@@ -409,11 +366,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("raft.db");
         drop(LogStore::open(&path).unwrap());
-        // Reopened, a log of this format opens again.
-        drop(LogStore::open(&path).unwrap());
         let conn = Connection::open(&path).unwrap();
-        conn.execute("INSERT INTO log (idx, entry) VALUES (1, '{\"log_id\": 1}')", []).unwrap();
-        conn.execute("UPDATE meta SET value = '1' WHERE name = 'format'", []).unwrap();
+        let format: String = conn.query_row("SELECT value FROM meta WHERE name = 'format'", [], |r| r.get(0)).unwrap();
+        assert_eq!(format, LOG_FORMAT, "a new log records its format");
+        // A log of this format with entries opens again, and reads them.
+        let entry = Entry::<TypeConfig> {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
+            payload: openraft::EntryPayload::Blank,
+        };
+        conn.execute("INSERT INTO log (idx, entry) VALUES (1, ?1)", [payload::encode(&entry).unwrap()]).unwrap();
+        let reopened = LogStore::open(&path).unwrap();
+        assert_eq!(read_entries(&reopened.conn.lock().unwrap(), 1, 1).unwrap(), vec![entry]);
+        drop(reopened);
+        // Written by a build that encoded entries otherwise: refused.
+        conn.execute("UPDATE log SET entry = '{\"log_id\": 1}'", []).unwrap();
+        assert_eq!(conn.execute("UPDATE meta SET value = '1' WHERE name = 'format'", []).unwrap(), 1);
         drop(conn);
         let err = LogStore::open(&path).err().unwrap().to_string();
         assert!(err.contains("another version of quire (format 1"), "{err}");

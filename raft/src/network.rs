@@ -62,7 +62,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Peer {
             target,
             addr: node.addr.clone(),
-            urls: Route::ALL.map(url),
+            append: url(Route::Append),
+            vote: url(Route::Vote),
+            snapshot: url(Route::Snapshot),
             client: self.client.clone(),
             token: self.token.clone(),
             group: self.group.clone(),
@@ -79,8 +81,6 @@ enum Route {
 }
 
 impl Route {
-    const ALL: [Route; 3] = [Route::Append, Route::Vote, Route::Snapshot];
-
     fn name(self) -> &'static str {
         match self {
             Route::Append => "append",
@@ -93,8 +93,10 @@ impl Route {
 pub struct Peer {
     target: NodeId,
     addr: String,
-    /// Each [`Route`] at the peer, in the order of [`Route::ALL`].
-    urls: [Option<reqwest::Url>; 3],
+    /// Each [`Route`] at the peer.
+    append: Option<reqwest::Url>,
+    vote: Option<reqwest::Url>,
+    snapshot: Option<reqwest::Url>,
     client: reqwest::Client,
     token: std::sync::Arc<str>,
     group: std::sync::Arc<str>,
@@ -128,7 +130,12 @@ impl Peer {
     {
         // Timed until the answer is decoded (`quire_common::timings`).
         let _timing = tracing::info_span!("raft.send", hop = route.name());
-        let Some(url) = self.urls[route as usize].clone() else {
+        let url = match route {
+            Route::Append => &self.append,
+            Route::Vote => &self.vote,
+            Route::Snapshot => &self.snapshot,
+        };
+        let Some(url) = url.clone() else {
             let e = std::io::Error::other(format!("{} is not a URL", self.addr));
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
         };

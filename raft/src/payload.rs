@@ -61,15 +61,26 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, postcard::Err
     postcard::to_stdvec(value)
 }
 
-/// Decodes what [`encode`] made.
+/// Decodes what [`encode`] made, all of it: bytes left over mean another type was
+/// encoded.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, postcard::Error> {
-    postcard::from_bytes(bytes)
+    match postcard::take_from_bytes(bytes)? {
+        (value, []) => Ok(value),
+        _ => Err(postcard::Error::DeserializeBadEncoding),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::TypeConfig;
+
+    #[test]
+    fn bytes_left_over_do_not_decode() {
+        let two: Vec<u8> = encode(&(7u32, 9u32)).unwrap();
+        assert_eq!(decode::<(u32, u32)>(&two).unwrap(), (7, 9));
+        assert!(decode::<u32>(&two).is_err(), "a prefix of another type's encoding decoded");
+    }
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 
     /// openraft's own types survive the encoding too (postcard cannot read a type that

@@ -121,8 +121,8 @@ pub enum WriteError {
     /// [`Machine::apply`](crate::Machine::apply)).
     #[error("the state machine rejected the command: {0}")]
     Rejected(String),
-    /// A command that does not encode (nothing was proposed), or an answer that does not
-    /// decode (the write was applied): a bug, not a state of the group.
+    /// A command that is not the group's or does not encode (nothing was proposed), or an
+    /// answer that does not decode (the write was applied): a bug, not a state of the group.
     #[error("a command or its answer did not (de)code: {0}")]
     Codec(String),
 }
@@ -475,6 +475,11 @@ impl Replica {
         in_term: Option<u64>,
         command: &C,
     ) -> Result<Applied<C::Answer>, WriteError> {
+        // Another type's bytes might well decode as some command of this machine's.
+        if std::any::TypeId::of::<C>() != self.machine.command_type() {
+            let name = std::any::type_name::<C>();
+            return Err(WriteError::Codec(format!("{name} is not a command of group {}", self.group)));
+        }
         let command = payload::encode(command).map_err(|e| WriteError::Codec(e.to_string()))?;
         // An emulated DB write is latency, not a lock: writes overlap freely.
         self.workers.write_latency().await;

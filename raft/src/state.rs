@@ -7,10 +7,9 @@
 //! holds); it is sent and received a chunk at a time, straight from and to its file;
 //! installing one copies its tables into ours inside one transaction, which keeps every
 //! open read connection valid. Snapshot files and large applies are worked on blocking
-//! threads; a small apply runs inline (see `INLINE_ENTRIES` in [`crate::log_store`]). The
-//! current snapshot is `snapshot.db`, fsynced and
-//! renamed into place; its metadata is read from the file itself. Since `state.db` is not
-//! fsynced on every apply, a replica whose state is found behind its snapshot at startup
+//! threads; a small apply runs inline (see `sqlite::inline`). The current snapshot is
+//! `snapshot.db`, fsynced and renamed into place; its metadata is read from the file
+//! itself. Since `state.db` is not fsynced on every apply, a replica whose state is found behind its snapshot at startup
 //! (power loss after the log was purged) restores the snapshot first.
 
 use std::path::{Path, PathBuf};
@@ -23,8 +22,8 @@ use openraft::{
 use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 
-use crate::log_store::{locked, open, INLINE_ENTRIES};
 use crate::payload::{self, Outcome, Outcomes, Write};
+use crate::sqlite::{self, locked, open};
 use crate::{Machine, NodeId, TypeConfig};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
@@ -179,7 +178,7 @@ impl StateStore {
     }
 
     /// Runs `f` on the state connection, right here when `inline` (see
-    /// [`INLINE_ENTRIES`]), else on a blocking thread.
+    /// `sqlite::inline`), else on a blocking thread.
     async fn with_conn<T: Send + 'static>(
         &self,
         inline: bool,
@@ -335,6 +334,8 @@ fn apply_one(
 pub trait Apply: Send + Sync + 'static {
     fn schema(&self) -> &'static str;
     fn tables(&self) -> &'static [&'static str];
+    /// The machine's command type: the only one a replica proposes.
+    fn command_type(&self) -> std::any::TypeId;
     /// Decodes `command`, applies it and encodes its answer. `Ok(Err(reason))`: the bytes
     /// do not decode (or the answer does not encode), the same on every replica.
     fn apply_encoded(
@@ -352,6 +353,10 @@ impl<M: Machine> Apply for M {
 
     fn tables(&self) -> &'static [&'static str] {
         Machine::tables(self)
+    }
+
+    fn command_type(&self) -> std::any::TypeId {
+        std::any::TypeId::of::<M::Command>()
     }
 
     fn apply_encoded(
@@ -401,10 +406,14 @@ impl RaftStateMachine<TypeConfig> for StateStore {
         use tracing::Instrument;
         let entries: Vec<_> = entries.into_iter().collect();
         let span = tracing::info_span!("raft.apply");
-        // An entry may carry many commands (group commit): count those.
-        let commands: usize =
-            entries.iter().map(|e| if let EntryPayload::Normal(p) = &e.payload { p.writes.len() } else { 1 }).sum();
-        let inline = commands as u64 <= INLINE_ENTRIES;
+        // An entry may carry many commands (group commit): count those, and their bytes.
+        let (commands, bytes) = entries.iter().fold((0, 0), |(n, b), e| match &e.payload {
+            EntryPayload::Normal(p) => {
+                (n + p.writes.len(), b + p.writes.iter().map(|w| w.command.len()).sum::<usize>())
+            }
+            _ => (n + 1, b),
+        });
+        let inline = sqlite::inline(commands, bytes);
         self.with_conn(inline, move |conn, machine| apply_batch(conn, machine, entries)).instrument(span).await
     }
 
@@ -490,5 +499,75 @@ impl RaftSnapshotBuilder<TypeConfig> for StateStore {
         tracing::info!(last_log_id = ?meta.last_log_id, "built snapshot");
         let file = tokio::fs::File::open(self.snapshot_db()).await.map_err(snap_err)?;
         Ok(Snapshot { meta, snapshot: Box::new(file) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    struct Notes;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Note(String);
+
+    impl crate::Command for Note {
+        type Answer = i64;
+    }
+
+    impl Machine for Notes {
+        type Command = Note;
+        fn schema(&self) -> &'static str {
+            "CREATE TABLE IF NOT EXISTS notes (text TEXT NOT NULL CHECK (length(text) <= 8));"
+        }
+        fn tables(&self) -> &'static [&'static str] {
+            &["notes"]
+        }
+        fn apply(&self, tx: &rusqlite::Transaction<'_>, _index: u64, note: Note) -> rusqlite::Result<i64> {
+            tx.execute("INSERT INTO notes (text) VALUES (?1)", [note.0])?;
+            Ok(tx.last_insert_rowid())
+        }
+    }
+
+    /// One entry's writes each get their own outcome; the ones that cannot apply (bytes
+    /// that are no command of the machine's, a broken constraint, another term) change
+    /// nothing and do not stop the others.
+    #[test]
+    fn each_write_of_an_entry_is_applied_or_refused_alone() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(META_SCHEMA).unwrap();
+        conn.execute_batch(Machine::schema(&Notes)).unwrap();
+        let note = |text: &str, in_term| Write { in_term, command: payload::encode(&Note(text.into())).unwrap() };
+        let writes = vec![
+            note("first", None),
+            Write { in_term: None, command: vec![0xff, 0xff, 0xff] },
+            note("far too long", None),
+            note("stale", Some(2)),
+            note("second", Some(3)),
+        ];
+        let entry = Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(3, 1), 7),
+            payload: EntryPayload::Normal(payload::Proposal { writes }),
+        };
+        let outcomes = apply_batch(&mut conn, &Notes, vec![entry]).unwrap();
+        let Outcomes(outcomes) = &outcomes[0];
+        assert_eq!(outcomes.len(), 5);
+        assert_eq!(outcomes[0], Outcome::Applied(payload::encode(&1i64).unwrap()));
+        assert!(matches!(&outcomes[1], Outcome::Rejected(r) if r.contains("undecodable")), "{:?}", outcomes[1]);
+        assert!(matches!(&outcomes[2], Outcome::Rejected(r) if r.contains("CHECK")), "{:?}", outcomes[2]);
+        assert_eq!(outcomes[3], Outcome::StaleTerm { term: 2 });
+        assert_eq!(outcomes[4], Outcome::Applied(payload::encode(&2i64).unwrap()));
+        let notes: Vec<String> = conn
+            .prepare("SELECT text FROM notes")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(notes, ["first", "second"]);
+        let (applied, _) = read_applied(&conn).unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(7));
     }
 }
